@@ -1,0 +1,160 @@
+"""Plumbing shared by every preset: validation, tree checks, counters, rounding.
+
+The per-leaf Adam arithmetic lives in the preset modules; this module holds what maps it over
+pytrees and keeps it honest (named errors, saturating counters, float32 rounding under jit).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "check_hyperparameter",
+    "check_updates_match",
+    "rounded",
+    "safe_increment",
+    "tree_map_leaves",
+    "tree_unzip",
+    "resolve",
+]
+
+safe_increment = optax.safe_increment  # Saturates at the dtype's maximum instead of wrapping.
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def tree_map_leaves(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+  """`jax.tree.map` that passes `None` update leaves through (as optax does)."""
+  return jax.tree.map(
+      lambda x, *xs: None if x is None else fn(x, *xs), tree, *rest, is_leaf=_is_none
+  )
+
+
+def tree_unzip(like: Any, tree: Any, n: int) -> tuple[Any, ...]:
+  """Splits a tree of n-tuples, built by `tree_map_leaves` over `like`, into n trees."""
+  treedef = jax.tree.structure(like, is_leaf=_is_none)
+  leaves = treedef.flatten_up_to(tree)
+  return tuple(
+      treedef.unflatten([None if leaf is None else leaf[i] for leaf in leaves]) for i in range(n)
+  )
+
+
+def rounded(x: jax.Array) -> jax.Array:
+  """Returns `x` bit for bit, as a value XLA cannot contract into a fused multiply-add.
+
+  TensorFlow's CPU kernels and Keras (TF backend, or JAX run op by op) round every product to
+  the working precision before adding it. Under `jax.jit` XLA's CPU and GPU backends contract
+  `a * b + c` into one FMA with a single rounding, which drifts from TensorFlow by ulps that
+  compound over steps. Neither `lax.optimization_barrier` nor `lax.reduce_precision` stops the
+  contraction (both are gone by the time LLVM sees the multiply-add); `copysign(|x|, x)` is an
+  exact identity for every float (zeros, infinities and NaNs included) that LLVM does not fold,
+  so the product is rounded before the add. It costs two bitwise ops per element in a
+  memory-bound kernel.
+  """
+  return jnp.copysign(jnp.abs(x), x)
+
+
+def resolve(value: Any, count: jax.Array) -> Any:
+  """Evaluates a hyperparameter that may be a schedule at the 0-based step `count`."""
+  return value(count) if callable(value) else value
+
+
+def check_hyperparameter(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    high_inclusive: bool = False,
+    allow_schedule: bool = False,
+) -> None:
+  """Raises `ValueError` naming `name` and `value` if a concrete hyperparameter is invalid.
+
+  Traced values and schedules cannot be checked when the transformation is built and are let
+  through (a schedule only where `allow_schedule`).
+  """
+  if callable(value):
+    if allow_schedule:
+      return
+    raise ValueError(f"{name} must be a number, got the callable {value!r}")
+  if isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
+    raise ValueError(f"{name} must be a real number, got {value!r}")
+  if not isinstance(value, numbers.Real):
+    try:
+      array = np.asarray(value)
+    except Exception as e:  # noqa: BLE001 - any failure means "not a number"
+      raise ValueError(f"{name} must be a real number, got {value!r}") from e
+    if array.shape != () or array.dtype.kind not in "iuf":
+      raise ValueError(f"{name} must be a real scalar, got {value!r}")
+    value = array.item()
+  value = float(value)
+  if not np.isfinite(value):
+    raise ValueError(f"{name} must be finite, got {value!r}")
+  if low is not None and value < low:
+    raise ValueError(f"{name} must be >= {low}, got {value!r}")
+  if high is not None and (value > high or (value == high and not high_inclusive)):
+    bracket = "]" if high_inclusive else ")"
+    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def check_updates_match(updates: Any, reference: Any, what: str = "the optimizer state") -> None:
+  """Checks at trace time that `updates` has the tree structure and shapes of `reference`.
+
+  Raises:
+    ValueError: naming the first path that is missing, unexpected or mis-shaped.
+    TypeError: naming the first path whose gradient is not a floating-point array.
+  """
+  ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=_is_none)
+  upd_leaves, upd_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)
+  if ref_def != upd_def:
+    ref_paths = {_path_str(p) for p, _ in ref_leaves}
+    upd_paths = {_path_str(p) for p, _ in upd_leaves}
+    missing = sorted(ref_paths - upd_paths)
+    unexpected = sorted(upd_paths - ref_paths)
+    detail = []
+    if missing:
+      detail.append(f"missing {', '.join(missing[:5])}")
+    if unexpected:
+      detail.append(f"unexpected {', '.join(unexpected[:5])}")
+    if not detail:
+      detail.append(f"containers differ: got {upd_def}, expected {ref_def}")
+    raise ValueError(
+        f"gradient tree does not match {what} (built by init from the params): "
+        + "; ".join(detail)
+    )
+  for (path, g), (_, r) in zip(upd_leaves, ref_leaves):
+    if g is None or r is None:
+      continue
+    g_shape, r_shape = jnp.shape(g), jnp.shape(r)
+    if g_shape != r_shape:
+      raise ValueError(
+          f"gradient at {_path_str(path)} has shape {g_shape}, but {what} expects {r_shape}"
+      )
+    g_dtype = jnp.result_type(g)
+    if not jnp.issubdtype(g_dtype, jnp.inexact):
+      raise TypeError(
+          f"gradient at {_path_str(path)} has dtype {g_dtype}; Adam needs floating-point "
+          f"gradients ({what} holds {jnp.result_type(r)})"
+      )
+    if jnp.issubdtype(g_dtype, jnp.complexfloating) != jnp.issubdtype(
+        jnp.result_type(r), jnp.complexfloating
+    ):
+      raise TypeError(
+          f"gradient at {_path_str(path)} has dtype {g_dtype}, but {what} holds "
+          f"{jnp.result_type(r)}"
+      )
