@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 __all__ = [
+    "check_betas_representable",
     "check_hyperparameter",
     "check_updates_match",
     "rounded",
@@ -106,6 +107,29 @@ def check_hyperparameter(
   if high is not None and (value > high or (value == high and not high_inclusive)):
     bracket = "]" if high_inclusive else ")"
     raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+
+
+def check_betas_representable(params: Any, preset: str, **betas: Any) -> None:
+  """Refuses parameters in a dtype where a beta rounds to 1 (Keras/TF compute in that dtype).
+
+  Keras and TensorFlow cast the betas to the variable dtype: in bfloat16 `0.999` is `1.0`, so
+  `1 - beta_2**t` is 0 and every step is exactly zero. Silently not training is worse than an
+  error, so this raises where the framework would quietly do nothing.
+  """
+  dtypes = {jnp.result_type(leaf) for leaf in jax.tree.leaves(params)}
+  for dtype in sorted(dtypes, key=str):
+    if not jnp.issubdtype(dtype, jnp.floating):
+      continue
+    for name, beta in betas.items():
+      if isinstance(beta, jax.core.Tracer):
+        continue
+      if np.asarray(np.asarray(beta, np.float64), dtype).astype(np.float64) == 1.0:
+        raise ValueError(
+            f"{preset} computes in the parameter dtype, as its framework does, and "
+            f"{name}={beta!r} rounds to 1.0 in {dtype}, so every step would be zero. Keep "
+            f"float32 parameters (as Keras mixed precision does) or use adamjax.adam, which "
+            f"bias-corrects in float32."
+        )
 
 
 def _path_str(path: tuple[Any, ...]) -> str:

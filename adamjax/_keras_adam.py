@@ -109,6 +109,7 @@ def scale_by_keras_adam(
   _common.check_hyperparameter("epsilon", epsilon, low=0.0)
 
   def init_fn(params):
+    _common.check_betas_representable(params, "keras_adam", beta_1=beta_1, beta_2=beta_2)
     return ScaleByKerasAdamState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params),

@@ -100,6 +100,7 @@ def scale_by_tf1_adam(
   _common.check_hyperparameter("epsilon", epsilon, low=0.0)
 
   def init_fn(params):
+    _common.check_betas_representable(params, "tf1_adam", beta1=beta1, beta2=beta2)
     return ScaleByTF1AdamState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params),
