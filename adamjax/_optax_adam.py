@@ -63,8 +63,8 @@ def scale_by_adam(
     >>> params = {"w": jnp.ones(3)}
     >>> state = tx.init(params)
     >>> updates, state = tx.update({"w": jnp.full(3, 0.5)}, state)
-    >>> print(updates["w"])
-    [-0.001 -0.001 -0.001]
+    >>> print(updates["w"])  # the first step is -lr * g / (|g| + eps)
+    [-0.00099999 -0.00099999 -0.00099999]
 
   References:
     Kingma & Ba, `Adam: A Method for Stochastic Optimization <https://arxiv.org/abs/1412.6980>`_,
