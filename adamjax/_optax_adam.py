@@ -135,6 +135,10 @@ def adam(
     Keras's Adam: for small gradients their steps differ by orders of magnitude early in
     training. Use :func:`adamjax.keras_adam` or :func:`adamjax.tf1_adam` to match those.
 
+  .. warning::
+    With float16 parameters the default `eps=1e-8` rounds to 0, and a zero gradient then
+    gives 0/0 = NaN, exactly as in `optax.adam`. Use `eps >= 6e-8` for float16.
+
   Args:
     learning_rate: A float or an `optax.Schedule` evaluated at the 0-based step count.
     b1: Decay rate of the first moment.
