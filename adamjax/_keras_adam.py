@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adamjax import _common
+from adamjax._accumulation import keras_gradient_accumulation
+from adamjax._ema import ema
+from adamjax._keras_clip import keras_clip_by_global_norm, keras_clip_by_norm, keras_clip_by_value
+from adamjax._keras_weight_decay import keras_weight_decay
+from adamjax._loss_scale import unscale_gradients
 
 
 class ScaleByKerasAdamState(NamedTuple):
@@ -38,16 +45,17 @@ def _keras_step(
     beta_1: Any,
     beta_2: Any,
     epsilon: Any,
-    round_products: bool,
+    r: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """One leaf of `keras.optimizers.Adam.update_step`, operation for operation.
 
   Keras computes in the variable's dtype; `1 - beta` is Python (double) arithmetic rounded once
   to that dtype; the beta powers are `pow` in that dtype; moments use `m + (g - m) * (1 - b1)`.
   """
-  r = _common.rounded if round_products else (lambda x: x)
   dtype = m.dtype
-  g = g.astype(dtype)
+  # The gradient arrives rounded, as it does in TF: a product computed upstream (a clip, an
+  # unscale) must not fuse into `g - m` as an FMA.
+  g = r(g.astype(dtype))
   t = count_inc.astype(dtype)
   beta_1_power = jnp.power(jnp.asarray(beta_1, dtype), t)
   beta_2_power = jnp.power(jnp.asarray(beta_2, dtype), t)
@@ -94,7 +102,7 @@ def scale_by_keras_adam(
     amsgrad: Keep the running maximum of the second moment and divide by its root.
     fused_multiply_add: If False (default), every product is rounded before it is added, as
       TensorFlow does and as Keras's JAX backend does op by op, even under `jax.jit`, where XLA
-      would otherwise fuse them (see :func:`adamjax._common.rounded`). If True, XLA may fuse
+      would otherwise fuse them. If True, XLA may fuse
       multiply-adds, which reproduces a *jitted* Keras-on-JAX `stateless_apply` bit for bit.
 
   Returns:
@@ -124,7 +132,7 @@ def scale_by_keras_adam(
     count_inc = _common.safe_increment(state.count)
     step = lambda g, m, v, vm: _keras_step(  # noqa: E731
         g, m, v, vm, lr=lr, count_inc=count_inc, beta_1=beta_1, beta_2=beta_2,
-        epsilon=epsilon, round_products=not fused_multiply_add,
+        epsilon=epsilon, r=_common.make_rounder(not fused_multiply_add, state.count),
     )
     nu_max = state.nu_max if amsgrad else jax.tree.map(lambda _: None, state.nu)
     out = _common.tree_map_leaves(step, updates, state.mu, state.nu, nu_max)
@@ -136,22 +144,63 @@ def scale_by_keras_adam(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _check_keras_learning_rate(learning_rate: Any) -> None:
+  # Keras refuses integer learning rates ("should be float, or an instance of
+  # LearningRateSchedule, or a callable"); so do we, with the same kind of error.
+  if isinstance(learning_rate, (bool, int, np.integer)):
+    raise ValueError(
+        f"learning_rate should be a float or a schedule, got the integer {learning_rate!r} "
+        "(Keras refuses integers too: write 1.0, not 1)")
+  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+
+
+def _keras_clip(clipnorm, clipvalue, global_clipnorm, fused_multiply_add):
+  given = {k: v for k, v in [("clipnorm", clipnorm), ("clipvalue", clipvalue),
+                             ("global_clipnorm", global_clipnorm)] if v is not None}
+  if len(given) > 1:
+    raise ValueError(
+        "Only one of clipnorm, clipvalue and global_clipnorm can be set, got "
+        + ", ".join(f"{k}={v!r}" for k, v in given.items()))
+  # As in Keras, a clip option is active only when > 0.
+  if clipnorm:
+    return [keras_clip_by_norm(clipnorm, fused_multiply_add=fused_multiply_add)]
+  if global_clipnorm:
+    return [keras_clip_by_global_norm(global_clipnorm, fused_multiply_add=fused_multiply_add)]
+  if clipvalue:
+    return [keras_clip_by_value(clipvalue)]
+  return []
+
+
 def keras_adam(
     learning_rate: optax.ScalarOrSchedule = 0.001,
     beta_1: Any = 0.9,
     beta_2: Any = 0.999,
     epsilon: Any = 1e-7,
     amsgrad: bool = False,
-    *,
+    weight_decay: Any | None = None,
+    clipnorm: Any | None = None,
+    clipvalue: Any | None = None,
+    global_clipnorm: Any | None = None,
+    use_ema: bool = False,
+    ema_momentum: Any = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: Any | None = None,
+    gradient_accumulation_steps: int | None = None,
     name: str | None = None,
+    *,
+    exclude_from_weight_decay: Sequence[str] | None = None,
+    weight_decay_mask: Any | None = None,
     fused_multiply_add: bool = False,
 ) -> optax.GradientTransformation:
-  r"""Adam as `keras.optimizers.Adam`: same constructor, defaults and float32 results.
+  r"""Adam as `keras.optimizers.Adam`: same constructor, options, defaults and float32 results.
 
-  Port a Keras model by renaming the constructor: `keras.optimizers.Adam(1e-3)` becomes
-  `adamjax.keras_adam(1e-3)`. Results equal Keras 3 on the JAX backend bit for bit and Keras 3
-  on the TensorFlow backend bit for bit in the tested cases (bounded at 2 ulps per element in
-  the tests), over 1,000 steps of gradients from 1e-8 to 1e2, jitted or not.
+  Port a Keras model by renaming the constructor: `keras.optimizers.Adam(1e-3, clipnorm=1.0)`
+  becomes `adamjax.keras_adam(1e-3, clipnorm=1.0)`. Every Keras option is here with Keras's
+  default and Keras's order of operations: unscale by `loss_scale_factor`; accumulate (sum,
+  then divide); clip; decay the weights; the Adam step; the moving average (first step
+  copies; overwrite every `ema_overwrite_frequency` iterations). Schedules are evaluated at
+  Keras's raw 0-based iteration. Results equal Keras 3 on the JAX backend bit for bit and on
+  the TensorFlow backend within 2 ulps in the tested cases (see the README's parity tables).
 
   .. warning::
     `epsilon` here is the paper's *epsilon hat*, added to :math:`\sqrt{v_t}` before bias
@@ -161,19 +210,44 @@ def keras_adam(
     gradients; `optax.adam(eps=1e-7)` does not reproduce Keras.
 
   Args:
-    learning_rate: A float or a schedule `count -> lr` (Keras's `LearningRateSchedule` is
-      evaluated at the 0-based iteration, and so is this).
+    learning_rate: A float or a schedule `iteration -> lr` (an optax schedule, or a Keras
+      `LearningRateSchedule` when Keras runs on the JAX backend), evaluated at the 0-based raw
+      iteration as Keras does. Integers are refused, as in Keras.
     beta_1: Decay rate of the first moment.
     beta_2: Decay rate of the second moment.
     epsilon: Epsilon hat (see the warning).
     amsgrad: Use AMSGrad, Keras's `velocity_hat`.
+    weight_decay: Keras's decoupled decay `w -= w * weight_decay * lr` before each step
+      (:func:`keras_weight_decay`); None or 0 for none.
+    clipnorm: Clip each gradient tensor's L2 norm (:func:`keras_clip_by_norm`).
+    clipvalue: Clip each gradient element (:func:`keras_clip_by_value`).
+    global_clipnorm: Clip the joint L2 norm (:func:`keras_clip_by_global_norm`). At most one
+      of the three clip options may be set.
+    use_ema: Keep a moving average of the weights (:func:`ema`; read it with
+      :func:`ema_params`).
+    ema_momentum: The moving average's momentum.
+    ema_overwrite_frequency: Write the average into the weights every this many iterations.
+    loss_scale_factor: Divide the gradients by this fixed loss scale first
+      (:func:`unscale_gradients`).
+    gradient_accumulation_steps: Update once every this many calls, on the mean of their
+      gradients (:func:`keras_gradient_accumulation`); an integer >= 2.
     name: Accepted for signature compatibility with Keras; unused.
-    fused_multiply_add: See :func:`scale_by_keras_adam`. The default keeps TensorFlow's rounding
-      under `jax.jit`; True reproduces jitted Keras-on-JAX instead.
+    exclude_from_weight_decay: Keras's `optimizer.exclude_from_weight_decay(var_names=...)`:
+      regular expressions searched in each parameter's '/'-joined tree path.
+    weight_decay_mask: An optax-style mask (tree of booleans or a callable of the params)
+      of the parameters to decay.
+    fused_multiply_add: If False (default), every product is rounded before it is added, as
+      TensorFlow does and Keras's JAX backend does op by op, even under `jax.jit`. True lets
+      XLA fuse multiply-adds, which reproduces a *jitted* Keras-on-JAX run bit for bit.
 
   Returns:
-    An `optax.GradientTransformation`: :func:`scale_by_keras_adam` followed by a sign flip.
-    `optax.tree_utils.tree_get(state, "count")` is Keras's `iterations`.
+    An `optax.GradientTransformation` chaining the pieces above around
+    :func:`scale_by_keras_adam`. `optax.tree_utils.tree_get(state, "count")` is Keras's
+    `iterations` (in accumulated steps).
+
+  Raises:
+    ValueError: for what Keras refuses (two clip options, accumulation steps < 2, an integer
+      learning rate, `ema_momentum` outside [0, 1]) and for invalid values.
 
   Example:
     >>> import adamjax, jax.numpy as jnp, optax
@@ -186,12 +260,77 @@ def keras_adam(
     1
 
   References:
-    `keras.optimizers.Adam`, `keras/src/optimizers/adam.py`; Kingma & Ba 2015.
+    `keras.optimizers.Adam`, `keras/src/optimizers/adam.py` and `base_optimizer.py`;
+    Kingma & Ba 2015.
   """
   del name
-  return optax.chain(
-      scale_by_keras_adam(
-          learning_rate, beta_1, beta_2, epsilon, amsgrad, fused_multiply_add=fused_multiply_add
-      ),
+  _check_keras_learning_rate(learning_rate)
+  steps = gradient_accumulation_steps
+  if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
+    raise ValueError(f"gradient_accumulation_steps must be an integer >= 2, got {steps!r}")
+  lr = learning_rate
+  if steps and callable(learning_rate):
+    # Keras evaluates the schedule at its raw iteration counter, which counts every call; the
+    # pieces inside the accumulation wrapper count updates, so map update k to call k*K + K-1.
+    lr = lambda count: learning_rate(count * steps + (steps - 1))  # noqa: E731
+  fma = fused_multiply_add
+  update = _keras_clip(clipnorm, clipvalue, global_clipnorm, fma)
+  update += [
+      scale_by_keras_adam(lr, beta_1, beta_2, epsilon, amsgrad, fused_multiply_add=fma),
       optax.scale(-1.0),
-  )
+  ]
+  if weight_decay:
+    update.append(keras_weight_decay(
+        weight_decay, lr, exclude=exclude_from_weight_decay, mask=weight_decay_mask,
+        fused_multiply_add=fma))
+  elif weight_decay is not None:
+    _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  pipeline = [] if loss_scale_factor is None else [
+      unscale_gradients(loss_scale_factor, fused_multiply_add=fma)]
+  if steps:
+    pipeline.append(
+        keras_gradient_accumulation(optax.chain(*update), steps, fused_multiply_add=fma))
+  else:
+    pipeline.extend(update)
+  if use_ema:
+    pipeline.append(ema(ema_momentum, ema_overwrite_frequency,
+                        gradient_accumulation_steps=steps or 1, fused_multiply_add=fma))
+  return optax.chain(*pipeline)
+
+
+def keras_adamw(
+    learning_rate: optax.ScalarOrSchedule = 0.001,
+    weight_decay: Any = 0.004,
+    beta_1: Any = 0.9,
+    beta_2: Any = 0.999,
+    epsilon: Any = 1e-7,
+    amsgrad: bool = False,
+    clipnorm: Any | None = None,
+    clipvalue: Any | None = None,
+    global_clipnorm: Any | None = None,
+    use_ema: bool = False,
+    ema_momentum: Any = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: Any | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
+    *,
+    exclude_from_weight_decay: Sequence[str] | None = None,
+    weight_decay_mask: Any | None = None,
+    fused_multiply_add: bool = False,
+) -> optax.GradientTransformation:
+  """AdamW as `keras.optimizers.AdamW`: :func:`keras_adam` with `weight_decay=0.004`.
+
+  Keras's AdamW is its Adam with the base optimizer's decoupled, learning-rate-scaled decay
+  (`w -= w * weight_decay * lr`, before the step), and the same signature order as Keras's
+  (`weight_decay` second). Every argument is as in :func:`keras_adam`.
+
+  Example:
+    >>> import adamjax
+    >>> tx = adamjax.keras_adamw(1e-3, exclude_from_weight_decay=["bias"])
+  """
+  return keras_adam(
+      learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay, clipnorm, clipvalue,
+      global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency, loss_scale_factor,
+      gradient_accumulation_steps, name, exclude_from_weight_decay=exclude_from_weight_decay,
+      weight_decay_mask=weight_decay_mask, fused_multiply_add=fused_multiply_add)

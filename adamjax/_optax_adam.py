@@ -173,3 +173,55 @@ def adam(
       scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    mu_dtype: Any | None = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any | None = None,
+    *,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+  r"""AdamW with optax semantics: a drop-in replacement for `optax.adamw`.
+
+  The decay is added to Adam's direction before the learning rate scales both,
+  :math:`\theta \leftarrow \theta - \eta\,(\hat m/(\sqrt{\hat v}+\varepsilon) + \lambda\theta)`:
+  decoupled from the moments (Loshchilov & Hutter), but scaled by the learning rate. Keras's
+  AdamW rounds differently (it decays the weights before the step): use
+  :func:`adamjax.keras_adamw` to match Keras, :func:`adamjax.torch_adamw` for PyTorch.
+
+  Args:
+    learning_rate: A float or a schedule.
+    b1: Decay rate of the first moment.
+    b2: Decay rate of the second moment.
+    eps: Added to the denominator outside the square root.
+    eps_root: Added inside the square root.
+    mu_dtype: Optional dtype of the first moment.
+    weight_decay: The decay rate :math:`\lambda` (a float or a schedule).
+    mask: An optax mask (tree of booleans, or a callable of the params) of the decayed leaves.
+    nesterov: Use Nesterov momentum.
+
+  Returns:
+    An `optax.GradientTransformation` built as `optax.adamw` is (bit-identical results).
+
+  Example:
+    >>> import adamjax, jax.numpy as jnp
+    >>> tx = adamjax.adamw(1e-3, weight_decay=1e-2, mask=lambda p: {"w": True, "b": False})
+    >>> state = tx.init({"w": jnp.ones(2), "b": jnp.zeros(2)})
+
+  References:
+    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019; `optax.adamw`.
+  """
+  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0, allow_schedule=True)
+  return optax.chain(
+      scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -40,17 +40,18 @@ def _tf1_step(
     epsilon: Any,
     beta1_power: jax.Array,
     beta2_power: jax.Array,
-    round_products: bool,
+    r: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One leaf of TensorFlow's CPU `ApplyAdamNonCuda` kernel (`training_ops.cc`).
 
   Every scalar is cast to the variable dtype and `1 - beta` is a subtraction in that dtype
   (`T(1) - beta1()`: 0.100000024 for beta1 = 0.9 in float32, not 0.1).
   """
-  r = _common.rounded if round_products else (lambda x: x)
   dtype = m.dtype
   cast = lambda x: jnp.asarray(x).astype(dtype)  # noqa: E731
-  g = g.astype(dtype)
+  # The gradient arrives rounded, as it does in TF: a product computed upstream (a clip, an
+  # unscale) must not fuse into `g - m` as an FMA.
+  g = r(g.astype(dtype))
   one = jnp.ones([], dtype)
   b1, b2 = cast(beta1), cast(beta2)
   alpha = cast(lr) * jnp.sqrt(one - cast(beta2_power)) / (one - cast(beta1_power))
@@ -116,7 +117,7 @@ def scale_by_tf1_adam(
     step = lambda g, m, v: _tf1_step(  # noqa: E731
         g, m, v, lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
         beta1_power=state.beta1_power, beta2_power=state.beta2_power,
-        round_products=not fused_multiply_add,
+        r=_common.make_rounder(not fused_multiply_add, state.count),
     )
     out = _common.tree_map_leaves(step, updates, state.mu, state.nu)
     steps, mu, nu = _common.tree_unzip(updates, out, 3)

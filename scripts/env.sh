@@ -12,9 +12,13 @@ fi
 stamp="$venv/.adamjax-installed-$EXTRAS"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "installing adamjax[$EXTRAS] into $venv" >&2
-  "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-  "$venv/bin/python" -m pip install --quiet -e "$root[$EXTRAS]" >&2
+  echo "installing adamjax[$EXTRAS] into $venv (log: $venv/pip.log)" >&2
+  if ! { "$venv/bin/python" -m pip install --upgrade pip &&
+         "$venv/bin/python" -m pip install -e "$root[$EXTRAS]"; } >"$venv/pip.log" 2>&1; then
+    tail -n 40 "$venv/pip.log" >&2
+    echo "pip install failed; the whole log is $venv/pip.log" >&2
+    exit 1
+  fi
   echo "$want" >"$stamp"
 fi
 export PATH="$venv/bin:$PATH"

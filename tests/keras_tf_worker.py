@@ -24,7 +24,8 @@ def main(inputs_path: str, config_path: str, output_path: str) -> None:
     import keras
     import tensorflow as tf
 
-    from reference_runners import _keras_slots, _variable_name, keras_slot_indices
+    from reference_runners import (
+        _keras_slots, _variable_name, keras_slot_indices, make_keras_optimizer)
 
     if keras.backend.backend() != "tensorflow":
         sys.exit(f"keras_tf_worker.py needs KERAS_BACKEND=tensorflow, Keras is on "
@@ -37,8 +38,7 @@ def main(inputs_path: str, config_path: str, output_path: str) -> None:
         grads = [tf.constant(data[f"grad_{i}"]) for i in range(n)]
 
     variables = [keras.Variable(p, name=_variable_name(i)) for i, p in enumerate(params)]
-    optimizer = keras.optimizers.Adam(**config)
-    optimizer.build(variables)
+    optimizer = make_keras_optimizer(keras, config, variables, spec["names"])
     slots = _keras_slots(config)
     index = keras_slot_indices(optimizer, variables, slots)
     tracked = {"params": variables}

@@ -244,7 +244,32 @@ def keras_slot_indices(optimizer: Any, variables: list, slots: list[str]) -> dic
 
 
 def _keras_slots(config: Mapping[str, Any]) -> list[str]:
-    return ["momentum", "velocity"] + (["velocity_hat"] if config.get("amsgrad") else [])
+    slots = ["momentum", "velocity"] + (["velocity_hat"] if config.get("amsgrad") else [])
+    if config.get("use_ema"):
+        slots.append("average")
+    return slots
+
+
+def make_keras_optimizer(keras: Any, config: Mapping[str, Any], variables: list,
+                         names: list[str]) -> Any:
+    """Builds `keras.optimizers.Adam` from a JSON-able `config` over `variables`.
+
+    Besides Adam's own keyword arguments, `config` may hold:
+    - `"learning_rate": {"schedule": <keras.optimizers.schedules.serialize(...) dict>}`;
+    - `"_exclude_params": [name, ...]`: passed to `exclude_from_weight_decay(var_list=...)`
+      before the optimizer is built.
+    """
+    config = dict(config)
+    exclude = config.pop("_exclude_params", None)
+    lr = config.get("learning_rate")
+    if isinstance(lr, dict) and "schedule" in lr:
+        config["learning_rate"] = keras.optimizers.schedules.deserialize(lr["schedule"])
+    optimizer = keras.optimizers.Adam(**config)
+    if exclude:
+        optimizer.exclude_from_weight_decay(
+            var_list=[v for v, n in zip(variables, names) if n in exclude])
+    optimizer.build(variables)
+    return optimizer
 
 
 def _trajectory_from_slots(
@@ -260,7 +285,8 @@ def _trajectory_from_slots(
         m=by_name(slots["momentum"]),
         v=by_name(slots["velocity"]),
         v_hat=by_name(slots["velocity_hat"]) if "velocity_hat" in slots else None,
-        extra={"iterations": np.asarray(iterations, dtype=np.int64)},
+        extra={"iterations": np.asarray(iterations, dtype=np.int64)}
+        | ({"average": by_name(slots["average"])} if "average" in slots else {}),
     )
 
 
@@ -291,8 +317,7 @@ def run_keras_jax(
     steps = _num_steps(names, params, grads)
     variables = [keras.Variable(np.asarray(params[n]), name=_variable_name(i))
                  for i, n in enumerate(names)]
-    optimizer = keras.optimizers.Adam(**config)
-    optimizer.build(variables)
+    optimizer = make_keras_optimizer(keras, config, variables, names)
     slots = _keras_slots(config)
     index = keras_slot_indices(optimizer, variables, slots)
 
@@ -341,7 +366,8 @@ def run_keras_tf(
         inputs, cfg, output = tmp / "inputs.npz", tmp / "config.json", tmp / "trajectory.npz"
         np.savez(inputs, **{f"param_{i}": np.asarray(params[n]) for i, n in enumerate(names)},
                  **{f"grad_{i}": np.asarray(grads[n]) for i, n in enumerate(names)})
-        cfg.write_text(json.dumps({"config": dict(config), "num_variables": len(names)}))
+        cfg.write_text(json.dumps({"config": dict(config), "num_variables": len(names),
+                                   "names": names}))
         proc = subprocess.run(
             [sys.executable, str(WORKER), str(inputs), str(cfg), str(output)],
             env=env, capture_output=True, text=True, timeout=timeout, check=False)
