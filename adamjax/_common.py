@@ -19,6 +19,7 @@ __all__ = [
     "check_betas_representable",
     "check_hyperparameter",
     "check_updates_match",
+    "find_state",
     "make_rounder",
     "opaque_zero",
     "rounded",
@@ -164,6 +165,20 @@ def check_betas_representable(params: Any, preset: str, **betas: Any) -> None:
             f"float32 parameters (as Keras mixed precision does) or use adamjax.adam, which "
             f"bias-corrects in float32."
         )
+
+
+def find_state(state: Any, cls: type, remedy: str) -> Any:
+  """The one instance of the state class `cls` inside an optimizer state (chains, wrappers).
+
+  Raises:
+    ValueError: naming `cls`, how many were found, and the `remedy`.
+  """
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls))
+           if isinstance(s, cls)]
+  if len(found) != 1:
+    raise ValueError(
+        f"expected one {cls.__name__} in the optimizer state, found {len(found)}: {remedy}")
+  return found[0]
 
 
 def _path_str(path: tuple[Any, ...]) -> str:

@@ -117,10 +117,5 @@ def ema_params(state: Any) -> optax.Params:
   Raises:
     ValueError: if the state holds no moving average (built without `use_ema`/`ema`).
   """
-  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, EmaState))
-           if isinstance(s, EmaState)]
-  if len(found) != 1:
-    raise ValueError(
-        f"expected one moving average (EmaState) in the optimizer state, found {len(found)}: "
-        "build the optimizer with use_ema=True or chain adamjax.ema()")
-  return found[0].ema
+  return _common.find_state(
+      state, EmaState, "build the optimizer with use_ema=True or chain adamjax.ema()").ema

@@ -117,10 +117,6 @@ def dynamic_loss_scale(
 
 def scale_loss(loss: jax.Array, state: Any) -> jax.Array:
   """Multiplies `loss` by the current scale of the :func:`dynamic_loss_scale` in `state`."""
-  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, DynamicLossScaleState))
-           if isinstance(s, DynamicLossScaleState)]
-  if len(found) != 1:
-    raise ValueError(
-        f"expected one DynamicLossScaleState in the optimizer state, found {len(found)}: wrap "
-        "the optimizer in adamjax.dynamic_loss_scale")
-  return loss * found[0].loss_scale.astype(jnp.result_type(loss))
+  scaler = _common.find_state(
+      state, DynamicLossScaleState, "wrap the optimizer in adamjax.dynamic_loss_scale")
+  return loss * scaler.loss_scale.astype(jnp.result_type(loss))
