@@ -65,3 +65,11 @@ def test_scale_by_adam_equals_optax_in_a_chain():
   _assert_identical(
       run_optax(chain(adamjax.scale_by_adam), params, grads),
       run_optax(chain(optax.scale_by_adam), params, grads))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 1e-2, "nesterov": True},
+                                    {"mask": lambda p: {k: k != "bias" for k in p}}])
+def test_adamw_equals_optax_adamw_bit_for_bit(kwargs):
+  params, grads = _inputs(jnp.float32)
+  _assert_identical(run_optax(adamjax.adamw(1e-3, **kwargs), params, grads),
+                    run_optax(optax.adamw(1e-3, **kwargs), params, grads))
