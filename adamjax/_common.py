@@ -24,10 +24,10 @@ __all__ = [
     "opaque_zero",
     "rounded",
     "safe_increment",
-    "tree_map_leaves",
-    "true_divide",
-    "tree_unzip",
     "resolve",
+    "tree_map_leaves",
+    "tree_unzip",
+    "true_divide",
 ]
 
 safe_increment = optax.safe_increment  # Saturates at the dtype's maximum instead of wrapping.
