@@ -23,6 +23,13 @@ TRANSFORMS = {
     "keras_adam_amsgrad": lambda lr: adamjax.keras_adam(lr, amsgrad=True),
     "keras_adam_fma": lambda lr: adamjax.keras_adam(lr, fused_multiply_add=True),
     "tf1_adam": lambda lr: adamjax.tf1_adam(lr),
+    "adamw": lambda lr: adamjax.adamw(lr, weight_decay=1e-4),
+    "keras_adamw": lambda lr: adamjax.keras_adamw(lr, weight_decay=1e-4),
+    "keras_adam_all_options": lambda lr: adamjax.keras_adam(
+        lr, amsgrad=True, weight_decay=1e-4, global_clipnorm=100.0, use_ema=True,
+        loss_scale_factor=2.0),  # (accumulation changes when a step happens: test_keras_options)
+    "torch_adam": lambda lr: adamjax.torch_adam(lr),
+    "torch_adamw": lambda lr: adamjax.torch_adamw(lr, weight_decay=1e-4),
     "scale_by_adam": lambda lr: optax.chain(adamjax.scale_by_adam(), optax.scale(-lr)),
     "scale_by_keras_adam": lambda lr: optax.chain(
         adamjax.scale_by_keras_adam(lr), optax.scale(-1.0)),
