@@ -15,7 +15,6 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
-import numpy as np  # noqa: E402
 import test_keras_options as t  # noqa: E402
 from reference_runners import max_abs_diff, max_ulps  # noqa: E402
 
@@ -39,7 +38,6 @@ def main():
     rows.append(("vs Keras-TF", _cells(t._ours(name), t._keras(name, "tensorflow"))))
     for label, cells in rows:
       print(f"{name:28s} {label:24s} {cells}")
-  np.set_printoptions()
 
 
 if __name__ == "__main__":

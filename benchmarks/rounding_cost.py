@@ -52,7 +52,7 @@ def main():
     jax.block_until_ready(params)
     runs[name] = [step, params, state, []]
   for _ in range(args.repeats):  # interleaved, so drift in machine load hits all alike
-    for name, run in runs.items():
+    for run in runs.values():
       step, params, state, times = run
       start = time.perf_counter()
       params, state = step(params, state, grads)
