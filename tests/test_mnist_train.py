@@ -69,9 +69,9 @@ def test_model_is_the_keras_tutorial_mlp():
     model = mnist.MLP(rngs=mnist.nnx.Rngs(params=0))
     params = mnist.nnx.to_pure_dict(mnist.nnx.state(model, mnist.nnx.Param))
     shapes = jax.tree.map(np.shape, params)
-    assert shapes == {"dense1": {"kernel": (784, 128), "bias": (128,)},
-                      "dense2": {"kernel": (128, 10), "bias": (10,)}}
-    for layer, (fan_in, fan_out) in {"dense1": (784, 128), "dense2": (128, 10)}.items():
+    assert shapes == {"dense": {"kernel": (784, 128), "bias": (128,)},
+                      "dense_1": {"kernel": (128, 10), "bias": (10,)}}
+    for layer, (fan_in, fan_out) in {"dense": (784, 128), "dense_1": (128, 10)}.items():
         kernel = np.asarray(params[layer]["kernel"])
         limit = np.sqrt(6 / (fan_in + fan_out))  # Keras's GlorotUniform bound.
         assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
