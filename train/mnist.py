@@ -118,6 +118,7 @@ class Config:
     checkpoint_every: int = 0  # Also checkpoint every N steps (0: only at the end of each epoch).
     keep_checkpoints: int = 3  # More than one, so a damaged newest one has a predecessor.
     resume: bool = False  # Continue from the newest good checkpoint in the workdir.
+    init_from: str | None = None  # Start from a Keras/TF checkpoint or an adamjax.convert output.
     overwrite: bool = False  # Delete an earlier run's checkpoints and metrics in the workdir.
     progress: str = "auto"  # "bar" on a terminal, "epoch" lines otherwise; or "none".
     progress_chunks: int = 20  # Progress bar updates per epoch (each one is a host sync).
@@ -545,6 +546,50 @@ def create_train_state(config: Config,
     return graphdef, tx, jax.tree.map(lambda x: _put(x, replicated), state)
 
 
+def init_from_checkpoint(path: str | os.PathLike, config: Config,
+                         state: TrainState) -> tuple[TrainState, str]:
+    """``state`` with parameters, optimizer state and step taken from a Keras/TF checkpoint.
+
+    Anything ``adamjax.convert.read`` reads works, including a ``to-jax`` output directory. The
+    parameters and Adam slots are mapped onto this model by layer name and checked against it
+    (every missing, unexpected or mis-shaped entry is reported); the checkpoint's optimizer
+    settings must be the ones this run uses, so that training continues exactly.
+
+    Returns:
+      The new state (on the host; the caller places it) and a line describing what was loaded.
+
+    Raises:
+      adamjax.convert.ConversionError: if the checkpoint does not fit this model or run.
+    """
+    from adamjax import convert
+
+    ckpt = convert.read(path)
+    if ckpt.optimizer is None:
+        raise convert.ConversionError(f"{path}: the {ckpt.format} checkpoint holds no optimizer "
+                                      "state to continue from")
+    if config.optimizer == "keras_adam":
+        # The exact continuation: the checkpoint's own Keras settings must be this run's.
+        keras_tx = convert.keras_optimizer(ckpt)
+        ours = OPTIMIZERS[config.optimizer](config.learning_rate)
+        params = jax.tree.map(np.asarray, state.params)
+        probe = jax.tree.map(lambda p: np.full_like(p, 0.5), params)
+        theirs_update = keras_tx.update(probe, keras_tx.init(params), params)[0]
+        ours_update = ours.update(probe, ours.init(params), params)[0]
+        if not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(theirs_update),
+                                                        jax.tree.leaves(ours_update))):
+            raise convert.ConversionError(
+                f"{path}: the checkpoint's {ckpt.optimizer.class_name} settings "
+                f"(learning rate {ckpt.optimizer.learning_rate}, {ckpt.optimizer.config}) are not "
+                f"this run's keras_adam({config.learning_rate}); pass the matching "
+                "--learning-rate")
+    tx = OPTIMIZERS[config.optimizer](config.learning_rate)
+    params = convert.to_flax(ckpt, jax.tree.map(np.asarray, state.params))
+    opt_state = convert.adam_state(ckpt, tx, params)
+    step = np.int32(ckpt.optimizer.iterations)
+    return (state._replace(step=step, params=params, opt_state=opt_state),
+            f"{ckpt.format} checkpoint {path} at step {int(step)}")
+
+
 def _prepare_workdir(workdir: Path, config: Config) -> None:
     """Continue an earlier run's checkpoints (resume), delete them (overwrite), or refuse."""
     ckpt_dir = workdir / CHECKPOINT_DIR
@@ -611,6 +656,14 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
                 "dropout_key": "jax.random.fold_in(jax.random.key(seed), step)"}
     history: list[dict[str, Any]] = []
     epoch_elapsed = 0.0  # Seconds already spent on the current epoch before a resume.
+    if config.init_from and config.resume:
+        raise ValueError("pass either --init-from (a new run from a converted checkpoint) or "
+                         "--resume (this workdir's own checkpoints), not both")
+    if config.init_from:
+        host_state, what = init_from_checkpoint(config.init_from, config, state)
+        state = jax.tree.map(lambda x: _put(x, replicated), host_state)
+        run_meta["init_from"] = str(config.init_from)
+        log(f"Initialised from the {what}")
     if config.resume:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -789,6 +842,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, C
     parser.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest good checkpoint in --workdir")
+    parser.add_argument("--init-from", metavar="PATH",
+                        help="start from converted weights and Adam state: any checkpoint "
+                             "adamjax.convert reads (.keras, .weights.h5, a TF checkpoint, ...) or "
+                             "the output of `python -m adamjax.convert to-jax`; training "
+                             "continues at its step count")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the checkpoints and metrics of an earlier run in --workdir")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps in all")
