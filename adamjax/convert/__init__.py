@@ -37,10 +37,12 @@ from adamjax.convert._flax import (
 )
 from adamjax.convert._ir import ConversionError, KerasAdamState, KerasCheckpoint, KerasLayer
 from adamjax.convert._orbax import (
+    converted_optimizer,
     flax_variables,
     restore_converted,
     save_converted,
     to_keras_checkpoint,
+    trainable_mask,
 )
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "KerasCheckpoint",
     "KerasLayer",
     "adam_state",
+    "converted_optimizer",
     "flax_variables",
     "from_flax",
     "keras_adam_state",
@@ -60,6 +63,7 @@ __all__ = [
     "sniff",
     "to_flax",
     "to_keras_checkpoint",
+    "trainable_mask",
     "write",
 ]
 

@@ -228,6 +228,8 @@ def _map_states(state: Any, fn: Callable[[Any], Any]) -> Any:
         return type(state)(*(_map_states(s, fn) for s in state))
     if isinstance(state, (tuple, list)):
         return type(state)(_map_states(s, fn) for s in state)
+    if isinstance(state, dict):  # e.g. optax.multi_transform's inner states, by label.
+        return {k: _map_states(v, fn) for k, v in state.items()}
     return state
 
 
@@ -288,8 +290,9 @@ def adam_state(ckpt: KerasCheckpoint, tx: optax.GradientTransformation, params: 
             return type(s)(count=count)
         if isinstance(s, (optax.EmptyState, optax.MaskedState)) or not jax.tree.leaves(s):
             return None
-        if type(s).__name__ in ("InjectHyperparamsState", "InjectStatefulHyperparamsState"):
-            return None
+        if type(s).__name__ in ("InjectHyperparamsState", "InjectStatefulHyperparamsState",
+                                "PartitionState", "MultiTransformState"):
+            return None  # Wrappers: their inner states are filled (the counts below).
         raise ConversionError(f"the optimizer has a {type(s).__name__} state the converter does "
                               "not know how to fill from a Keras checkpoint")
 

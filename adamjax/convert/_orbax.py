@@ -5,8 +5,7 @@ Layout of a converted checkpoint directory::
     <dir>/state/...             Orbax StandardSave of {"params", "batch_stats", "opt_state", "step"}
     <dir>/adamjax_convert.json  what was converted: source, format, Keras layers and optimizer
 
-``opt_state`` is ``keras_optimizer(ckpt).init(params)`` filled from Keras's slots (wrapped in
-``optax.masked`` when a layer is frozen), so ``restore_converted`` can rebuild the abstract target
+``opt_state`` is ``converted_optimizer(ckpt, params).init(params)`` filled from Keras's slots, so ``restore_converted`` can rebuild the abstract target
 from the JSON alone and Orbax returns the optimizer's NamedTuples, not bare dicts.
 """
 
@@ -57,10 +56,18 @@ def trainable_mask(ckpt: KerasCheckpoint, params: Any) -> Any | None:
 
 
 def converted_optimizer(ckpt: KerasCheckpoint, params: Any) -> optax.GradientTransformation:
-    """``keras_optimizer(ckpt)``, masked to Keras's trainable variables when a layer is frozen."""
+    """``keras_optimizer(ckpt)`` on Keras's trainable variables; the frozen ones never change.
+
+    With a frozen layer this is ``optax.multi_transform`` with labels ``"trainable"`` (Keras Adam)
+    and ``"frozen"`` (``optax.set_to_zero``): ``optax.masked`` alone would pass the frozen
+    variables' raw gradients through as updates.
+    """
     tx = _flax.keras_optimizer(ckpt)
     mask = trainable_mask(ckpt, params)
-    return tx if mask is None else optax.masked(tx, mask)
+    if mask is None:
+        return tx
+    labels = jax.tree.map(lambda trained: "trainable" if trained else "frozen", mask)
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def _layers_json(layers: list[KerasLayer]) -> list[dict[str, Any]]:
