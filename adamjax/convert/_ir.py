@@ -129,7 +129,7 @@ def infer_layer_class(weights: dict[str, np.ndarray]) -> str:
       ConversionError: if the variables match no supported layer.
     """
     names = tuple(weights)
-    if names in (("kernel", "bias"), ("kernel",)):
+    if set(names) in ({"kernel", "bias"}, {"kernel"}):
         rank = weights["kernel"].ndim
         return {2: "Dense", 3: "Conv1D", 4: "Conv2D", 5: "Conv3D"}.get(rank, "Dense")
     for class_name, variables in LAYER_VARIABLES.items():
