@@ -145,7 +145,7 @@ def read(path: str | os.PathLike, *, model_config: dict[str, Any] | None = None
         if fmt == "weights.h5":
             return _keras_h5.read_keras_weights_h5(path, model_config=model_config)
         if fmt == "weights.json":
-            return _keras_h5.read_keras_weights_json(path)
+            return _keras_h5.read_keras_weights_json(path, model_config=model_config)
         return _keras_h5.read_tf_keras_h5(path)
     if fmt == "adamjax":
         from adamjax.convert import _orbax
