@@ -323,3 +323,46 @@ def test_cnn_with_batchnorm_and_a_frozen_layer(keras_cnn, name):
     for var in ("kernel", "bias"):  # The frozen layer did not move, in either framework.
         np.testing.assert_array_equal(params["dense"][var], theirs[f"dense/{var}"])
         np.testing.assert_array_equal(params["dense"][var], ckpt.layer("dense").weights[var])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adamjax.convert", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          cwd=WORKER.parent.parent)
+
+
+def test_command_line_round_trip(keras_run, tmp_path):
+    """info, to-jax, train/mnist.py --init-from the output, to-keras: the user's path."""
+    tmp, _ = keras_run
+    info = _cli("info", tmp / "tfckpt")
+    assert info.returncode == 0, info.stderr
+    assert "format: tf-checkpoint" in info.stdout and "iterations 20" in info.stdout
+
+    converted = tmp_path / "converted"
+    assert _cli("to-jax", tmp / "model.keras", converted).returncode == 0
+    again = _cli("to-jax", tmp / "model.keras", converted)
+    assert again.returncode == 1 and "exists" in again.stderr  # Nothing overwritten silently.
+
+    config = mnist.Config(data_source="synthetic", limit_train_examples=32 * 25,
+                          limit_test_examples=100, epochs=1, progress="none", plot=False,
+                          init_from=str(converted))
+    metrics = mnist.train_and_evaluate(config, tmp_path / "run")
+    assert metrics["step"] == 25
+
+    # The converted checkpoint back to Keras: bit-identical to what Keras saved.
+    assert _cli("to-keras", converted, tmp_path / "back.keras").returncode == 0
+    original, back = convert.read(tmp / "model.keras"), convert.read(tmp_path / "back.keras")
+    assert back.optimizer.iterations == original.optimizer.iterations
+    for layer in original.layers:
+        for var, value in layer.weights.items():
+            assert np.array_equal(back.layer(layer.name).weights[var], value)
+    # The JAX run itself, from its workdir, with the Keras file as the template.
+    out = _cli("to-keras", tmp_path / "run", tmp_path / "run.keras", "--template",
+               tmp / "model.keras")
+    assert out.returncode == 0, out.stderr
+    assert convert.read(tmp_path / "run.keras").optimizer.iterations == 25
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a checkpoint")
+    refused = _cli("info", bad)
+    assert refused.returncode == 1 and refused.stderr.startswith("error:")
