@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     from train.mnist_data import load_mnist
 
     load_mnist(source=args.data_source, verbose=False)
+    # Timings on a shared machine depend on what else runs: record the load beside them.
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     runs: dict[str, list[dict]] = {name: [] for name in args.variants}
     for repeat in range(args.repeats):
         for name in args.variants:
@@ -137,8 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
             "best_epoch": min(s for r in variant_runs for s in r["seconds"][1:]),
             "test_accuracy": [r["test_accuracy"] for r in variant_runs],
         }
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"MNIST MLP, batch 32, {args.epochs} epochs, {args.repeats} repeat(s); "
           f"s/epoch = median of epochs 2..{args.epochs} (compile excluded), median over repeats")
+    if load_start and load_end:
+        print(f"load average (1, 5, 15 min) on {os.cpu_count()} CPUs: "
+              f"{', '.join(f'{x:.2f}' for x in load_start)} at the start, "
+              f"{', '.join(f'{x:.2f}' for x in load_end)} at the end")
     header = (f"{'variant':50s} {'s/epoch':>8s} {'best':>7s} {'epoch 1':>8s} {'compile':>8s} "
               f"{'vs Keras-TF':>11s} {'vs Keras-JAX':>12s} {'test acc':>9s}")
     print(header)
@@ -153,7 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['first_epoch']:8.2f} {compile_s:>8s} {ratios[0]:>11s} {ratios[1]:>12s} "
               f"{statistics.median(row['test_accuracy']):9.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "summary": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(
+            {"runs": runs, "summary": rows, "load_average": [load_start, load_end]},
+            indent=2) + "\n")
     return rows
 
 
