@@ -16,6 +16,7 @@ Keras's optimizer features as composable pieces: :func:`keras_clip_by_norm`,
 
 from adamjax._accumulation import KerasAccumulationState, keras_gradient_accumulation
 from adamjax._ema import EmaState, ema, ema_params
+from adamjax._flat import FlatLayout
 from adamjax._keras_adam import (
     ScaleByKerasAdamState,
     keras_adam,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DynamicLossScaleState",
     "EmaState",
+    "FlatLayout",
     "KerasAccumulationState",
     "KerasWeightDecayState",
     "ScaleByAdamState",
