@@ -181,8 +181,19 @@ def find_state(state: Any, cls: type, remedy: str) -> Any:
   return found[0]
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
+def path_str(path: tuple[Any, ...]) -> str:
+  """A tree path as `jax.tree_util.keystr` writes it (`"<root>"` for the root)."""
   return jax.tree_util.keystr(path) or "<root>"
+
+
+def paths_difference(expected: list[str], got: list[str]) -> list[str]:
+  """What an error says about two trees' leaf paths: the missing and the unexpected ones."""
+  detail = []
+  if missing := [p for p in expected if p not in set(got)]:
+    detail.append(f"missing {', '.join(missing[:5])}")
+  if unexpected := [p for p in got if p not in set(expected)]:
+    detail.append(f"unexpected {', '.join(unexpected[:5])}")
+  return detail
 
 
 def check_updates_match(updates: Any, reference: Any, what: str = "the optimizer state") -> None:
@@ -195,15 +206,8 @@ def check_updates_match(updates: Any, reference: Any, what: str = "the optimizer
   ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=_is_none)
   upd_leaves, upd_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)
   if ref_def != upd_def:
-    ref_paths = {_path_str(p) for p, _ in ref_leaves}
-    upd_paths = {_path_str(p) for p, _ in upd_leaves}
-    missing = sorted(ref_paths - upd_paths)
-    unexpected = sorted(upd_paths - ref_paths)
-    detail = []
-    if missing:
-      detail.append(f"missing {', '.join(missing[:5])}")
-    if unexpected:
-      detail.append(f"unexpected {', '.join(unexpected[:5])}")
+    detail = paths_difference(sorted(path_str(p) for p, _ in ref_leaves),
+                              sorted(path_str(p) for p, _ in upd_leaves))
     if not detail:
       detail.append(f"containers differ: got {upd_def}, expected {ref_def}")
     raise ValueError(
@@ -216,18 +220,18 @@ def check_updates_match(updates: Any, reference: Any, what: str = "the optimizer
     g_shape, r_shape = jnp.shape(g), jnp.shape(r)
     if g_shape != r_shape:
       raise ValueError(
-          f"gradient at {_path_str(path)} has shape {g_shape}, but {what} expects {r_shape}"
+          f"gradient at {path_str(path)} has shape {g_shape}, but {what} expects {r_shape}"
       )
     g_dtype = jnp.result_type(g)
     if not jnp.issubdtype(g_dtype, jnp.inexact):
       raise TypeError(
-          f"gradient at {_path_str(path)} has dtype {g_dtype}; Adam needs floating-point "
+          f"gradient at {path_str(path)} has dtype {g_dtype}; Adam needs floating-point "
           f"gradients ({what} holds {jnp.result_type(r)})"
       )
     if jnp.issubdtype(g_dtype, jnp.complexfloating) != jnp.issubdtype(
         jnp.result_type(r), jnp.complexfloating
     ):
       raise TypeError(
-          f"gradient at {_path_str(path)} has dtype {g_dtype}, but {what} holds "
+          f"gradient at {path_str(path)} has dtype {g_dtype}, but {what} holds "
           f"{jnp.result_type(r)}"
       )

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamjax import _keras_weight_decay
+from adamjax import _common, _keras_weight_decay
 
 __all__ = ["FlatLayout"]
 
@@ -68,10 +68,6 @@ class _Slot:
   size: int
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-  return jax.tree_util.keystr(path) or "<root>"
-
-
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
   """A leaf's shape, dtype and weak type (arrays, tracers, Python scalars, structs)."""
   if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -81,16 +77,9 @@ def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
 
 
 def _structure_error(got: Any, expected_paths: list[str], what: str) -> ValueError:
-  got_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(got)[0]]
-  missing = [p for p in expected_paths if p not in set(got_paths)]
-  unexpected = [p for p in got_paths if p not in set(expected_paths)]
-  detail = []
-  if missing:
-    detail.append(f"missing {', '.join(missing[:5])}")
-  if unexpected:
-    detail.append(f"unexpected {', '.join(unexpected[:5])}")
-  if not detail:
-    detail.append("the same leaf paths in different containers")
+  got_paths = [_common.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(got)[0]]
+  detail = (_common.paths_difference(expected_paths, got_paths)
+            or ["the same leaf paths in different containers"])
   return ValueError(f"{what} does not match the FlatLayout's tree: " + "; ".join(detail))
 
 
@@ -150,7 +139,7 @@ class FlatLayout:
     if max_buffer_bytes == "auto":
       max_buffer_bytes = _CPU_BUFFER_BYTES if jax.default_backend() == "cpu" else None
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    paths = [_path_str(path) for path, _ in leaves]
+    paths = [_common.path_str(path) for path, _ in leaves]
     structs = [_abstract(leaf) for _, leaf in leaves]
     labels = [None] * len(leaves)
     if group is not None:
