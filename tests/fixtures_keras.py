@@ -45,11 +45,6 @@ import numpy as np
 STEPS = 3
 
 
-def _key(path: str) -> str:
-    """``sequential/dense/kernel`` or ``dense/kernel:0`` -> ``dense/kernel``."""
-    return "/".join(path.removesuffix(":0").split("/")[-2:])
-
-
 def functional_cnn(keras, *, optimizer="adam"):
     """Names that differ from the class-based h5 groups (``conv`` is ``conv2d``), an InputLayer
     that a Functional model lists, a nested Sequential and a frozen layer."""
@@ -67,25 +62,6 @@ def functional_cnn(keras, *, optimizer="adam"):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     return model
-
-
-def _keras3_values(keras, model) -> dict[str, np.ndarray]:
-    opt = model.optimizer
-    out = {f"w/{_key(v.path)}": np.asarray(v.numpy()) for v in model.weights}
-    for i, v in enumerate(opt.variables):
-        out[f"opt/{i}"] = np.asarray(v.numpy())
-    for var in model.trainable_variables:
-        k = opt._get_variable_index(var)  # Keras's own variable -> slot index
-        out[f"m/{_key(var.path)}"] = opt._momentums[k].numpy()
-        out[f"v/{_key(var.path)}"] = opt._velocities[k].numpy()
-        if opt.amsgrad:
-            out[f"vhat/{_key(var.path)}"] = opt._velocity_hats[k].numpy()
-    out["iterations"] = np.int64(opt.iterations.numpy())
-    if not isinstance(opt._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-        out["learning_rate"] = np.float32(opt.learning_rate.numpy())
-    out["layers"] = np.array([layer.name for layer in model.layers if layer.weights])
-    out["trainable"] = np.array([_key(v.path) for v in model.trainable_variables])
-    return out
 
 
 def keras3(out: pathlib.Path) -> None:
@@ -122,27 +98,7 @@ def keras3(out: pathlib.Path) -> None:
                 model.save_weights(out / f"{stem}.weights.h5")
             else:
                 model.save(out / f"{stem}.keras")
-        np.savez(out / f"{stem}.npz", **_keras3_values(keras, model))
-
-
-def _tf_keras_values(model, legacy: bool) -> dict[str, np.ndarray]:
-    opt = model.optimizer
-    out = {f"w/{_key(v.name)}": np.asarray(v.numpy()) for v in model.weights}
-    for var in model.trainable_variables:
-        if legacy:
-            m, v = opt.get_slot(var, "m"), opt.get_slot(var, "v")
-        else:
-            k = opt._index_dict[opt._var_key(var)]
-            m, v = opt._momentums[k], opt._velocities[k]
-            if opt.amsgrad:
-                out[f"vhat/{_key(var.name)}"] = opt._velocity_hats[k].numpy()
-        out[f"m/{_key(var.name)}"] = m.numpy()
-        out[f"v/{_key(var.name)}"] = v.numpy()
-    out["iterations"] = np.int64(opt.iterations.numpy())
-    out["learning_rate"] = np.float32(opt.learning_rate.numpy())
-    out["layers"] = np.array([layer.name for layer in model.layers if layer.weights])
-    out["trainable"] = np.array([_key(v.name) for v in model.trainable_variables])
-    return out
+        np.savez(out / f"{stem}.npz", **keras_models.keras3_values(keras, model))
 
 
 def tf_keras(out: pathlib.Path) -> None:
@@ -162,14 +118,14 @@ def tf_keras(out: pathlib.Path) -> None:
         model = build(tf_keras, optimizer=optimizer)
         keras_models.train(model, STEPS, cnn=build is keras_models.small_cnn)
         model.save(out / f"{stem}.h5")
-        np.savez(out / f"{stem}.npz", **_tf_keras_values(model, legacy))
+        np.savez(out / f"{stem}.npz", **keras_models.tf_keras_values(model, legacy))
 
 
 def load(path: str, out_path: str) -> None:
     import keras
 
     model = keras.saving.load_model(path)
-    values = _keras3_values(keras, model)
+    values = keras_models.keras3_values(keras, model)
     x, y = keras_models.batches(1, cnn=len(model.inputs[0].shape) == 4, seed=1)
     model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     values["iterations_after_fit"] = np.int64(model.optimizer.iterations.numpy())

@@ -53,11 +53,6 @@ MAX_SHARD_BYTES = 40_000
 _manifest: dict[str, str] = {}
 
 
-def _key(path: str) -> str:
-    """``sequential/dense/kernel`` or ``dense/kernel:0`` -> ``dense/kernel``."""
-    return "/".join(path.removesuffix(":0").split("/")[-2:])
-
-
 def _dump_bundle(tf, out: pathlib.Path, name: str, prefix: pathlib.Path) -> None:
     """TensorFlow's own reading of a bundle: the oracle for the reader's conformance test."""
     reader = tf.train.load_checkpoint(str(prefix))
@@ -76,23 +71,6 @@ def _dump_bundle(tf, out: pathlib.Path, name: str, prefix: pathlib.Path) -> None
     (out / "dumps").mkdir(exist_ok=True)
     np.savez(out / "dumps" / f"{name}.npz", **arrays)
     _manifest[name] = str(prefix.relative_to(out))
-
-
-def _keras3_values(keras, model) -> dict[str, np.ndarray]:
-    opt = model.optimizer
-    out = {f"w/{_key(v.path)}": np.asarray(v.numpy()) for v in model.weights}
-    if type(opt) is keras.optimizers.Adam:  # The others are fixtures to be refused.
-        for var in model.trainable_variables:
-            k = opt._get_variable_index(var)  # Keras's own variable -> slot index.
-            out[f"m/{_key(var.path)}"] = opt._momentums[k].numpy()
-            out[f"v/{_key(var.path)}"] = opt._velocities[k].numpy()
-            if opt.amsgrad:
-                out[f"vhat/{_key(var.path)}"] = opt._velocity_hats[k].numpy()
-    out["iterations"] = np.int64(opt.iterations.numpy())
-    out["learning_rate"] = np.float32(opt.learning_rate.numpy())
-    out["layers"] = np.array([layer.name for layer in model.layers if layer.weights])
-    out["trainable"] = np.array([_key(v.path) for v in model.trainable_variables])
-    return out
 
 
 def keras3(tf, out: pathlib.Path) -> None:
@@ -149,28 +127,7 @@ def keras3(tf, out: pathlib.Path) -> None:
             tf.saved_model.save(model, str(out / f"{stem}.savedmodel"))
             _dump_bundle(tf, out, f"{stem}.savedmodel",
                          out / f"{stem}.savedmodel" / "variables" / "variables")
-        np.savez(out / f"{stem}.npz", **_keras3_values(keras, model))
-
-
-def _tf_keras_values(model, legacy: bool) -> dict[str, np.ndarray]:
-    opt = model.optimizer
-    out = {f"w/{_key(v.name)}": np.asarray(v.numpy()) for v in model.weights}
-    for var in model.trainable_variables:
-        if legacy:
-            m, v = opt.get_slot(var, "m"), opt.get_slot(var, "v")
-        else:
-            k = opt._index_dict[opt._var_key(var)]  # tf-keras's own variable -> slot index.
-            m, v = opt._momentums[k], opt._velocities[k]
-        out[f"m/{_key(var.name)}"] = m.numpy()
-        out[f"v/{_key(var.name)}"] = v.numpy()
-    out["iterations"] = np.int64(opt.iterations.numpy())
-    out["learning_rate"] = np.float32(opt.learning_rate.numpy())
-    if legacy:
-        out["beta_1"] = np.float32(opt.beta_1)
-        out["beta_2"] = np.float32(opt.beta_2)
-    out["layers"] = np.array([layer.name for layer in model.layers if layer.weights])
-    out["trainable"] = np.array([_key(v.name) for v in model.trainable_variables])
-    return out
+        np.savez(out / f"{stem}.npz", **keras_models.keras3_values(keras, model))
 
 
 def twin_dense(keras, *, optimizer):
@@ -211,7 +168,7 @@ def tf_keras(tf, out: pathlib.Path) -> None:
             model.save(str(out / f"{stem}.savedmodel"), save_format="tf")
             _dump_bundle(tf, out, f"{stem}.savedmodel",
                          out / f"{stem}.savedmodel" / "variables" / "variables")
-        np.savez(out / f"{stem}.npz", **_tf_keras_values(model, legacy))
+        np.savez(out / f"{stem}.npz", **keras_models.tf_keras_values(model, legacy))
 
 
 def main(out_dir: str) -> None:

@@ -11,13 +11,9 @@ anything from it.
 
 import base64
 import copy
-import fcntl
 import json
 import marshal
-import os
 import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -25,37 +21,17 @@ import h5py
 import keras_models
 import numpy as np
 import pytest
+from tf_fixtures_build import build_once, run_tf_backend_script
 
 from adamjax.convert import ConversionError, _keras_h5
 
 FIXTURES = Path(__file__).with_name("fixtures_keras.py")
 
 
-def _run_fixtures_script(*args: str) -> None:
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, str(FIXTURES), *args], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"fixtures_keras.py {' '.join(args)} failed:\n{proc.stderr[-6000:]}")
-
-
 @pytest.fixture(scope="session")
 def fixtures(tmp_path_factory) -> Path:
-    """Every checkpoint fixtures_keras.py writes (TF backend), built once per test run.
-
-    Under pytest-xdist every worker has its own session, so the build goes to the run's shared
-    base directory under a file lock: the first worker builds, the others wait and reuse it.
-    """
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
-    out = base / "keras_fixtures"
-    with open(base / "keras_fixtures.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "manifest.json").is_file():  # Written last: the build finished.
-            shutil.rmtree(out, ignore_errors=True)
-            _run_fixtures_script("build", str(out))
-    return out
+    """Every checkpoint fixtures_keras.py writes (TF backend), built once per test run."""
+    return build_once(tmp_path_factory, "keras_fixtures", FIXTURES, "build")
 
 
 @pytest.fixture
@@ -315,7 +291,8 @@ def test_keras_loads_written_weights_h5_into_a_built_optimizer(fixtures, tmp_pat
 
 def test_tensorflow_keras_loads_written_archive(fixtures, tmp_path):
     _keras_h5.write_keras_archive(read(fixtures, "cnn", "keras"), tmp_path / "m.keras")
-    _run_fixtures_script("load", str(tmp_path / "m.keras"), str(tmp_path / "restored.npz"))
+    run_tf_backend_script(FIXTURES, "load", str(tmp_path / "m.keras"),
+                          str(tmp_path / "restored.npz"))
     restored, ref = reference(tmp_path, "restored"), reference(fixtures, "cnn")
     for key in [k for k in ref if k.startswith(("w/", "opt/", "m/", "v/"))] + ["iterations"]:
         assert_same_bits(restored[key], ref[key], key)

@@ -13,9 +13,7 @@ read from the live objects. This process never imports TensorFlow.
 """
 
 import dataclasses
-import fcntl
 import json
-import os
 import pathlib
 import shutil
 import struct
@@ -24,6 +22,7 @@ import sys
 
 import numpy as np
 import pytest
+from tf_fixtures_build import build_once
 
 from adamjax.convert import _tensorbundle, _tf_checkpoint, _tf_graph, _tf_optimizer, _wire
 from adamjax.convert._ir import ConversionError
@@ -40,25 +39,8 @@ BUNDLES = [
 
 @pytest.fixture(scope="session")
 def fixtures(tmp_path_factory) -> pathlib.Path:
-    """The checkpoints of ``fixtures_tf.py``, built once per test run.
-
-    Under pytest-xdist every worker has its own session, so the build goes to the run's shared
-    base directory under a file lock: the first worker builds, the others wait and reuse it.
-    """
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
-    out = base / "tf_fixtures"
-    with open(base / "tf_fixtures.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "manifest.json").is_file():  # Written last: the build finished.
-            shutil.rmtree(out, ignore_errors=True)
-            env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-            proc = subprocess.run(
-                [sys.executable, str(HERE / "fixtures_tf.py"), str(out)], env=env,
-                capture_output=True, text=True, timeout=600, check=False)
-            assert proc.returncode == 0, f"fixtures_tf.py failed:\n{proc.stderr[-5000:]}"
-    return out
+    """The checkpoints of ``fixtures_tf.py``, built once per test run."""
+    return build_once(tmp_path_factory, "tf_fixtures", HERE / "fixtures_tf.py")
 
 
 def _manifest(fixtures: pathlib.Path) -> dict[str, str]:
