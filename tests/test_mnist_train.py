@@ -111,7 +111,7 @@ def test_command_line_maps_onto_config():
         data_source="idx", data_dir="d", checkpoint_every=100, resume=True, max_steps=7,
         limit_train_examples=1000, progress="bar", plot=False)
     assert mnist.parse_args([])[1] == mnist.Config()  # The defaults are the tutorial's.
-    assert set(mnist.OPTIMIZERS) == {"keras_adam", "adam", "tf1_adam", "optax.adam"}
+    assert set(mnist.OPTIMIZERS) == {"keras_adam", "adam", "tf1_adam", "torch_adam", "optax.adam"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ __all__ = [
     "load_data",
     "load_train_state",
     "main",
+    "scale_pixels",
     "make_evaluate",
     "make_train_steps",
     "start_jax",
@@ -90,6 +91,7 @@ OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
     "keras_adam": lambda lr: adamjax.keras_adam(lr),
     "adam": lambda lr: adamjax.adam(lr),
     "tf1_adam": lambda lr: adamjax.tf1_adam(lr),
+    "torch_adam": lambda lr: adamjax.torch_adam(lr),
     "optax.adam": lambda lr: optax.adam(lr),
 }
 DATA_SOURCES = ("auto", "tfds", "idx", "pypi", "synthetic")
@@ -248,7 +250,8 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int,
 _PIXEL_VALUES = (np.arange(256) / 255.0).astype(np.float32)
 
 
-def _scale_pixels(images: jax.Array) -> jax.Array:
+def scale_pixels(images: jax.Array) -> jax.Array:
+    """uint8 pixels as the float32 values Keras trains on (``x / 255.0``), bit for bit."""
     return jnp.asarray(_PIXEL_VALUES)[images]
 
 
@@ -291,7 +294,7 @@ def make_train_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
     def train_steps(state, images, labels, index, mask, start, stop):
         def body(i, state):
             rows = jax.lax.with_sharding_constraint(index[i], batch_sharding)
-            x = jax.lax.with_sharding_constraint(_scale_pixels(images[rows]), batch_sharding)
+            x = jax.lax.with_sharding_constraint(scale_pixels(images[rows]), batch_sharding)
             return train_step(state, x, labels[rows], mask[i])
 
         return jax.lax.fori_loop(start, stop, body, state)
@@ -303,7 +306,7 @@ def make_evaluate(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, jax.
     """Returns jitted ``evaluate(params, images, labels, mask) -> (mean loss, correct count)``."""
 
     def evaluate(params, images, labels, mask):
-        logits = nnx.merge(graphdef, params)(_scale_pixels(images))
+        logits = nnx.merge(graphdef, params)(scale_pixels(images))
         loss_sum, n, correct = _masked_loss_and_correct(logits, labels, mask)
         return loss_sum / n, correct
 
@@ -446,13 +449,13 @@ def _write_outputs(workdir: Path, history: list[dict[str, Any]], plot: bool) -> 
 
 
 def _plot(workdir: Path, history: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot), so plotting never switches the caller's backend (a notebook's
+    # inline one) and needs no display.
+    from matplotlib.figure import Figure
 
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig = Figure(figsize=(10, 4), constrained_layout=True)
+    axes = fig.subplots(1, 2)
     for ax, name in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [row[name] for row in history], "o-", label=f"train {name}")
         ax.plot(epochs, [row[f"val_{name}"] for row in history], "s--", label=f"test {name}")
@@ -462,7 +465,6 @@ def _plot(workdir: Path, history: list[dict[str, Any]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     _atomic_write(workdir / "metrics.png", lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
 
 
 class _Progress:

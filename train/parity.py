@@ -16,7 +16,7 @@ How the two runs are made identical:
   ``train/mnist.py``'s ``MLP``, whose layers carry Keras's names (``dense``, ``dense_1``).
 - Batches: ``train/mnist.py``'s ``load_data`` and ``epoch_batches`` (its shuffled order), full
   batches only. Keras gets ``images / 255.0`` in float64 cast to float32, exactly the tutorial's
-  scaling; JAX uses ``mnist._scale_pixels``, a table of those same float32 values (checked).
+  scaling; JAX uses ``mnist.scale_pixels``, a table of those same float32 values (checked).
 - Dropout (``--dropout``): ``off`` trains without it (Keras ``training=False``, JAX without a
   dropout key), the exact comparison. ``shared-masks`` draws the keep masks in NumPy and applies
   them in both with TensorFlow's dropout arithmetic, ``where(keep, h * f32(1 / (1 - rate)), 0)``
@@ -371,7 +371,7 @@ def run_jax(config: ParityConfig, init: dict[str, np.ndarray], images: np.ndarra
     Args:
       config: Uses ``optimizer``, ``learning_rate``, ``hidden``, ``dropout_rate``, ``seed``.
       init: Initial parameters by name (``PARAM_NAMES``), from Keras.
-      images: uint8 [steps, batch, 28, 28], scaled on device with ``mnist._scale_pixels``.
+      images: uint8 [steps, batch, 28, 28], scaled on device with ``mnist.scale_pixels``.
       labels: int32 [steps, batch].
       masks: bool [steps, batch, hidden] keep masks, or None (no dropout).
       recorded: The 1-based steps after which to record the parameters.
@@ -395,7 +395,7 @@ def run_jax(config: ParityConfig, init: dict[str, np.ndarray], images: np.ndarra
     # The tutorial's x / 255.0 in float32, which the Keras worker feeds, must be exactly what
     # train/mnist.py's pixel table gives; otherwise the runs differ before the first step.
     pixels = np.arange(256, dtype=np.uint8)
-    pixels_match = bool(np.array_equal(np.asarray(mnist._scale_pixels(pixels)),
+    pixels_match = bool(np.array_equal(np.asarray(mnist.scale_pixels(pixels)),
                                        (pixels / 255.0).astype(np.float32)))
 
     model = mnist.MLP(config.hidden, config.dropout_rate, rngs=nnx.Rngs(params=config.seed))
@@ -415,7 +415,7 @@ def run_jax(config: ParityConfig, init: dict[str, np.ndarray], images: np.ndarra
 
     def loss_fn(params, images, labels, keep):
         model = nnx.merge(graphdef, params)
-        x = mnist._scale_pixels(images)
+        x = mnist.scale_pixels(images)
         if keep is None:
             logits = model(x)  # No dropout key: MLP's dropout is the identity.
         else:
