@@ -89,6 +89,7 @@ __all__ = [
     "DROPOUT_MODES",
     "PARAM_NAMES",
     "ParityConfig",
+    "compare_params",
     "dropout_scale",
     "main",
     "make_batches",
@@ -479,7 +480,7 @@ def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(ordered(a) - ordered(b))
 
 
-def _compare(jax_params: dict[str, np.ndarray],
+def compare_params(jax_params: dict[str, np.ndarray],
              keras_params: dict[str, np.ndarray]) -> dict[str, Any]:
     """Parameter differences per recorded step, and per parameter at the last one.
 
@@ -592,7 +593,7 @@ def run_parity(config: ParityConfig, workdir: str | os.PathLike) -> dict[str, An
         optimizer_only[n] = {"abs": float(np.max(np.abs(ours.astype(np.float64) - theirs))),
                              "max_ulps": int(_ulps(ours, theirs).max())}
 
-    cmp = _compare(jax_run["params"], keras_run["params"])
+    cmp = compare_params(jax_run["params"], keras_run["params"])
     loss_abs = np.abs(jax_run["loss"].astype(np.float64) - keras_run["loss"])
     rel = np.asarray(cmp["param_rel"])
     worst = int(np.argmax(np.where(np.isnan(rel), np.inf, rel)))  # A NaN is the worst step.
