@@ -178,7 +178,7 @@ def test_partial_last_batch_averages_over_its_real_examples(tmp_path):
     steps = mnist.make_train_steps(graphdef, tx, config.seed, mesh)
     for rows in (index[0], index[1][mask[1]]):  # Two unpadded batches: 32, then 8 examples.
         batch = rows[None]
-        state = steps(state, data.train_images, data.train_labels, batch,
+        state = steps(state, mnist.scale_pixels(data.train_images), data.train_labels, batch,
                       np.ones_like(batch, bool), 0, 1)
     assert int(padded.count) == int(state.count) == 40
     for x, y in zip(leaves(padded.params), leaves(state.params)):
