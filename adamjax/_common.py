@@ -188,10 +188,10 @@ def path_str(path: tuple[Any, ...]) -> str:
 
 def paths_difference(expected: list[str], got: list[str]) -> list[str]:
   """What an error says about two trees' leaf paths: the missing and the unexpected ones."""
-  detail = []
-  if missing := [p for p in expected if p not in set(got)]:
+  detail, got_set, expected_set = [], set(got), set(expected)
+  if missing := [p for p in expected if p not in got_set]:
     detail.append(f"missing {', '.join(missing[:5])}")
-  if unexpected := [p for p in got if p not in set(expected)]:
+  if unexpected := [p for p in got if p not in expected_set]:
     detail.append(f"unexpected {', '.join(unexpected[:5])}")
   return detail
 
