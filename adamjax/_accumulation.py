@@ -26,7 +26,7 @@ class KerasAccumulationState(NamedTuple):
 
 
 def keras_gradient_accumulation(
-    inner: optax.GradientTransformation, steps: int, *, fused_multiply_add: bool = False
+  inner: optax.GradientTransformation, steps: int, *, fused_multiply_add: bool = False
 ) -> optax.GradientTransformation:
   r"""Sums `steps` gradients, then runs `inner` on their mean, as Keras accumulates.
 
@@ -53,9 +53,9 @@ def keras_gradient_accumulation(
 
   def init_fn(params):
     return KerasAccumulationState(
-        mini_step=jnp.zeros([], jnp.int32),
-        acc=optax.tree.zeros_like(params),
-        inner_state=inner.init(params),
+      mini_step=jnp.zeros([], jnp.int32),
+      acc=optax.tree.zeros_like(params),
+      inner_state=inner.init(params),
     )
 
   def update_fn(updates, state, params=None):
@@ -66,20 +66,25 @@ def keras_gradient_accumulation(
     # (an unscale upstream must not fuse into the sum as an FMA).
     r = _common.make_rounder(True, state.mini_step)
     summed = _common.tree_map_leaves(lambda g, a: r(g) + a.astype(g.dtype), updates, state.acc)
-    divide = (lambda s: s / steps) if fused_multiply_add else (
-        lambda s: _common.true_divide(s, steps))
+    divide = (
+      (lambda s: s / steps) if fused_multiply_add else (lambda s: _common.true_divide(s, steps))
+    )
     grads = jax.lax.cond(
-        is_update_step, lambda: _common.tree_map_leaves(divide, summed), lambda: updates)
+      is_update_step, lambda: _common.tree_map_leaves(divide, summed), lambda: updates
+    )
     new_updates, new_inner = inner.update(grads, state.inner_state, params)
     new_updates, inner_state = jax.lax.cond(
-        is_update_step,
-        lambda: (new_updates, new_inner),
-        lambda: (_common.tree_map_leaves(jnp.zeros_like, new_updates), state.inner_state))
+      is_update_step,
+      lambda: (new_updates, new_inner),
+      lambda: (_common.tree_map_leaves(jnp.zeros_like, new_updates), state.inner_state),
+    )
     acc = jax.lax.cond(
-        is_update_step,
-        lambda: jax.tree.map(jnp.zeros_like, state.acc),
-        lambda: _common.tree_map_leaves(lambda s, a: s.astype(a.dtype), summed, state.acc))
+      is_update_step,
+      lambda: jax.tree.map(jnp.zeros_like, state.acc),
+      lambda: _common.tree_map_leaves(lambda s, a: s.astype(a.dtype), summed, state.acc),
+    )
     return new_updates, KerasAccumulationState(
-        mini_step=_common.safe_increment(state.mini_step), acc=acc, inner_state=inner_state)
+      mini_step=_common.safe_increment(state.mini_step), acc=acc, inner_state=inner_state
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

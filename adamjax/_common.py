@@ -16,18 +16,18 @@ import numpy as np
 import optax
 
 __all__ = [
-    "check_betas_representable",
-    "check_hyperparameter",
-    "check_updates_match",
-    "find_state",
-    "make_rounder",
-    "opaque_zero",
-    "rounded",
-    "safe_increment",
-    "resolve",
-    "tree_map_leaves",
-    "tree_unzip",
-    "true_divide",
+  "check_betas_representable",
+  "check_hyperparameter",
+  "check_updates_match",
+  "find_state",
+  "make_rounder",
+  "opaque_zero",
+  "rounded",
+  "safe_increment",
+  "resolve",
+  "tree_map_leaves",
+  "tree_unzip",
+  "true_divide",
 ]
 
 safe_increment = optax.safe_increment  # Saturates at the dtype's maximum instead of wrapping.
@@ -40,7 +40,7 @@ def _is_none(x: Any) -> bool:
 def tree_map_leaves(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
   """`jax.tree.map` that passes `None` update leaves through (as optax does)."""
   return jax.tree.map(
-      lambda x, *xs: None if x is None else fn(x, *xs), tree, *rest, is_leaf=_is_none
+    lambda x, *xs: None if x is None else fn(x, *xs), tree, *rest, is_leaf=_is_none
   )
 
 
@@ -49,7 +49,7 @@ def tree_unzip(like: Any, tree: Any, n: int) -> tuple[Any, ...]:
   treedef = jax.tree.structure(like, is_leaf=_is_none)
   leaves = treedef.flatten_up_to(tree)
   return tuple(
-      treedef.unflatten([None if leaf is None else leaf[i] for leaf in leaves]) for i in range(n)
+    treedef.unflatten([None if leaf is None else leaf[i] for leaf in leaves]) for i in range(n)
   )
 
 
@@ -105,13 +105,13 @@ def resolve(value: Any, count: jax.Array) -> Any:
 
 
 def check_hyperparameter(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    high_inclusive: bool = False,
-    allow_schedule: bool = False,
+  name: str,
+  value: Any,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  high_inclusive: bool = False,
+  allow_schedule: bool = False,
 ) -> None:
   """Raises `ValueError` naming `name` and `value` if a concrete hyperparameter is invalid.
 
@@ -160,10 +160,10 @@ def check_betas_representable(params: Any, preset: str, **betas: Any) -> None:
         continue
       if np.asarray(np.asarray(beta, np.float64), dtype).astype(np.float64) == 1.0:
         raise ValueError(
-            f"{preset} computes in the parameter dtype, as its framework does, and "
-            f"{name}={beta!r} rounds to 1.0 in {dtype}, so every step would be zero. Keep "
-            f"float32 parameters (as Keras mixed precision does) or use adamjax.adam, which "
-            f"bias-corrects in float32."
+          f"{preset} computes in the parameter dtype, as its framework does, and "
+          f"{name}={beta!r} rounds to 1.0 in {dtype}, so every step would be zero. Keep "
+          f"float32 parameters (as Keras mixed precision does) or use adamjax.adam, which "
+          f"bias-corrects in float32."
         )
 
 
@@ -173,11 +173,13 @@ def find_state(state: Any, cls: type, remedy: str) -> Any:
   Raises:
     ValueError: naming `cls`, how many were found, and the `remedy`.
   """
-  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls))
-           if isinstance(s, cls)]
+  found = [
+    s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(s, cls)
+  ]
   if len(found) != 1:
     raise ValueError(
-        f"expected one {cls.__name__} in the optimizer state, found {len(found)}: {remedy}")
+      f"expected one {cls.__name__} in the optimizer state, found {len(found)}: {remedy}"
+    )
   return found[0]
 
 
@@ -206,32 +208,31 @@ def check_updates_match(updates: Any, reference: Any, what: str = "the optimizer
   ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=_is_none)
   upd_leaves, upd_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)
   if ref_def != upd_def:
-    detail = paths_difference(sorted(path_str(p) for p, _ in ref_leaves),
-                              sorted(path_str(p) for p, _ in upd_leaves))
+    detail = paths_difference(
+      sorted(path_str(p) for p, _ in ref_leaves), sorted(path_str(p) for p, _ in upd_leaves)
+    )
     if not detail:
       detail.append(f"containers differ: got {upd_def}, expected {ref_def}")
     raise ValueError(
-        f"gradient tree does not match {what} (built by init from the params): "
-        + "; ".join(detail)
+      f"gradient tree does not match {what} (built by init from the params): " + "; ".join(detail)
     )
-  for (path, g), (_, r) in zip(upd_leaves, ref_leaves):
+  for (path, g), (_, r) in zip(upd_leaves, ref_leaves, strict=True):
     if g is None or r is None:
       continue
     g_shape, r_shape = jnp.shape(g), jnp.shape(r)
     if g_shape != r_shape:
       raise ValueError(
-          f"gradient at {path_str(path)} has shape {g_shape}, but {what} expects {r_shape}"
+        f"gradient at {path_str(path)} has shape {g_shape}, but {what} expects {r_shape}"
       )
     g_dtype = jnp.result_type(g)
     if not jnp.issubdtype(g_dtype, jnp.inexact):
       raise TypeError(
-          f"gradient at {path_str(path)} has dtype {g_dtype}; Adam needs floating-point "
-          f"gradients ({what} holds {jnp.result_type(r)})"
+        f"gradient at {path_str(path)} has dtype {g_dtype}; Adam needs floating-point "
+        f"gradients ({what} holds {jnp.result_type(r)})"
       )
     if jnp.issubdtype(g_dtype, jnp.complexfloating) != jnp.issubdtype(
-        jnp.result_type(r), jnp.complexfloating
+      jnp.result_type(r), jnp.complexfloating
     ):
       raise TypeError(
-          f"gradient at {path_str(path)} has dtype {g_dtype}, but {what} holds "
-          f"{jnp.result_type(r)}"
+        f"gradient at {path_str(path)} has dtype {g_dtype}, but {what} holds {jnp.result_type(r)}"
       )

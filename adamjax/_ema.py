@@ -25,11 +25,11 @@ class EmaState(NamedTuple):
 
 
 def ema(
-    momentum: Any = 0.99,
-    overwrite_frequency: int | None = None,
-    *,
-    gradient_accumulation_steps: int = 1,
-    fused_multiply_add: bool = False,
+  momentum: Any = 0.99,
+  overwrite_frequency: int | None = None,
+  *,
+  gradient_accumulation_steps: int = 1,
+  fused_multiply_add: bool = False,
 ) -> optax.GradientTransformation:
   r"""Keeps Keras's moving average of the parameters, and optionally writes it back.
 
@@ -75,10 +75,13 @@ def ema(
   """
   _common.check_hyperparameter("ema_momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
   if overwrite_frequency is not None and (
-      isinstance(overwrite_frequency, bool) or not isinstance(overwrite_frequency, int)
-      or overwrite_frequency < 0):
+    isinstance(overwrite_frequency, bool)
+    or not isinstance(overwrite_frequency, int)
+    or overwrite_frequency < 0
+  ):
     raise ValueError(
-        f"ema_overwrite_frequency must be an integer >= 1 or None, got {overwrite_frequency!r}")
+      f"ema_overwrite_frequency must be an integer >= 1 or None, got {overwrite_frequency!r}"
+    )
   overwrite_frequency = overwrite_frequency or None  # Keras reads 0 as "never", as None
 
   def init_fn(params):
@@ -99,7 +102,8 @@ def ema(
     if overwrite_frequency is not None:
       overwrite = (iterations + 1) % overwrite_frequency == 0
       updates = _common.tree_map_leaves(
-          lambda u, p, avg: jnp.where(overwrite, avg - p, u), updates, params, new_ema)
+        lambda u, p, avg: jnp.where(overwrite, avg - p, u), updates, params, new_ema
+      )
     return updates, EmaState(step=_common.safe_increment(state.step), ema=new_ema)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -118,4 +122,5 @@ def ema_params(state: Any) -> optax.Params:
     ValueError: if the state holds no moving average (built without `use_ema`/`ema`).
   """
   return _common.find_state(
-      state, EmaState, "build the optimizer with use_ema=True or chain adamjax.ema()").ema
+    state, EmaState, "build the optimizer with use_ema=True or chain adamjax.ema()"
+  ).ema

@@ -78,8 +78,9 @@ def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
 
 def _structure_error(got: Any, expected_paths: list[str], what: str) -> ValueError:
   got_paths = [_common.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(got)[0]]
-  detail = (_common.paths_difference(expected_paths, got_paths)
-            or ["the same leaf paths in different containers"])
+  detail = _common.paths_difference(expected_paths, got_paths) or [
+    "the same leaf paths in different containers"
+  ]
   return ValueError(f"{what} does not match the FlatLayout's tree: " + "; ".join(detail))
 
 
@@ -134,8 +135,7 @@ class FlatLayout:
     (3,)
   """
 
-  def __init__(self, tree: Any, *, group: Any = None,
-               max_buffer_bytes: int | None | str = "auto"):
+  def __init__(self, tree: Any, *, group: Any = None, max_buffer_bytes: int | None | str = "auto"):
     if max_buffer_bytes == "auto":
       max_buffer_bytes = _CPU_BUFFER_BYTES if jax.default_backend() == "cpu" else None
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -154,26 +154,38 @@ class FlatLayout:
     # never split, so unravel stays a slice).
     chunks: dict[str, list[int]] = {}  # base key -> element count of each of its buffers
     placed = []
-    for struct, label in zip(structs, labels):
+    for struct, label in zip(structs, labels, strict=True):
       base = struct.dtype.name if label is None else f"{struct.dtype.name}/{label}"
       size = math.prod(struct.shape)
       sizes = chunks.setdefault(base, [0])
-      if (max_buffer_bytes is not None and sizes[-1] > 0
-          and (sizes[-1] + size) * struct.dtype.itemsize > max_buffer_bytes):
+      if (
+        max_buffer_bytes is not None
+        and sizes[-1] > 0
+        and (sizes[-1] + size) * struct.dtype.itemsize > max_buffer_bytes
+      ):
         sizes.append(0)
       placed.append((base, len(sizes) - 1, sizes[-1], size))
       sizes[-1] += size
-    names = {(base, i): base if len(sizes) == 1 else f"{base}#{i:0{len(str(len(sizes) - 1))}d}"
-             for base, sizes in chunks.items() for i in range(len(sizes))}
-    slots = tuple(_Slot(path, names[base, chunk], struct.dtype, struct.shape, offset, size)
-                  for path, struct, (base, chunk, offset, size) in zip(paths, structs, placed))
+    names = {
+      (base, i): base if len(sizes) == 1 else f"{base}#{i:0{len(str(len(sizes) - 1))}d}"
+      for base, sizes in chunks.items()
+      for i in range(len(sizes))
+    }
+    slots = tuple(
+      _Slot(path, names[base, chunk], struct.dtype, struct.shape, offset, size)
+      for path, struct, (base, chunk, offset, size) in zip(paths, structs, placed, strict=True)
+    )
     self._treedef = treedef
     self._slots = slots
-    self._members = {name: tuple(i for i, s in enumerate(slots) if s.key == name)
-                     for name in sorted(names.values())}
+    self._members = {
+      name: tuple(i for i, s in enumerate(slots) if s.key == name)
+      for name in sorted(names.values())
+    }
     self._used = {name: sum(slots[i].size for i in idx) for name, idx in self._members.items()}
-    self._buffers = {name: jax.ShapeDtypeStruct((_padded(used),), slots[idx[0]].dtype)
-                     for (name, idx), used in zip(self._members.items(), self._used.values())}
+    self._buffers = {
+      name: jax.ShapeDtypeStruct((_padded(used),), slots[idx[0]].dtype)
+      for (name, idx), used in zip(self._members.items(), self._used.values(), strict=True)
+    }
 
   # ---- what the layout is ----
 
@@ -194,8 +206,7 @@ class FlatLayout:
 
   def leaf_structs(self) -> Any:
     """The tree of `jax.ShapeDtypeStruct`s the layout was built from (for masks and shapes)."""
-    return self._treedef.unflatten(
-        [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in self._slots])
+    return self._treedef.unflatten([jax.ShapeDtypeStruct(s.shape, s.dtype) for s in self._slots])
 
   def __repr__(self) -> str:
     bufs = ", ".join(f"{k}[{b.shape[0]:,}]" for k, b in self._buffers.items())
@@ -203,7 +214,9 @@ class FlatLayout:
 
   def __eq__(self, other: object) -> bool:
     return isinstance(other, FlatLayout) and (self._treedef, self._slots) == (
-        other._treedef, other._slots)
+      other._treedef,
+      other._slots,
+    )
 
   def __hash__(self) -> int:
     return hash((self._treedef, self._slots))
@@ -260,7 +273,7 @@ class FlatLayout:
     for key, idx in self._members.items():
       ends = np.cumsum([self._slots[i].size for i in idx])
       parts = jnp.split(flat[key], ends[:-1] if ends[-1] == flat[key].shape[0] else ends)
-      for i, part in zip(idx, parts):  # the last part may be the padding
+      for i, part in zip(idx, parts, strict=False):  # the last part may be the padding
         leaves[i] = part.reshape(self._slots[i].shape)
     return self._treedef.unflatten(leaves)
 
@@ -275,14 +288,18 @@ class FlatLayout:
     if not isinstance(flat, Mapping) or set(flat) != set(self._buffers):
       if jax.tree.structure(flat, is_leaf=lambda x: x is None) == self._treedef:
         raise ValueError(
-            f"{what} are a per-leaf tree, not the FlatLayout's buffers: call "
-            "layout.ravel(tree) once, when training starts, and keep the buffers")
+          f"{what} are a per-leaf tree, not the FlatLayout's buffers: call "
+          "layout.ravel(tree) once, when training starts, and keep the buffers"
+        )
       if not isinstance(flat, Mapping):
-        raise ValueError(f"{what} must be a dict of flat buffers with keys "
-                         f"{sorted(self._buffers)}, got a {type(flat).__name__}")
+        raise ValueError(
+          f"{what} must be a dict of flat buffers with keys "
+          f"{sorted(self._buffers)}, got a {type(flat).__name__}"
+        )
       raise ValueError(
-          f"{what} have keys {sorted(map(str, flat))}, but the FlatLayout's buffers are "
-          f"{sorted(self._buffers)}")
+        f"{what} have keys {sorted(map(str, flat))}, but the FlatLayout's buffers are "
+        f"{sorted(self._buffers)}"
+      )
     for key, buf in self._buffers.items():
       x = flat[key]
       if x is None:
@@ -290,8 +307,9 @@ class FlatLayout:
       shape, dtype = tuple(jnp.shape(x)), jnp.result_type(x)
       if shape != buf.shape or (dtypes and dtype != buf.dtype):
         raise ValueError(
-            f"{what}: buffer {key!r} is {dtype}{list(shape)}, but the FlatLayout expects "
-            f"{buf.dtype}{list(buf.shape)}")
+          f"{what}: buffer {key!r} is {dtype}{list(shape)}, but the FlatLayout expects "
+          f"{buf.dtype}{list(buf.shape)}"
+        )
 
   def _check_tree(self, tree: Any, what: str) -> list[Any]:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -299,14 +317,15 @@ class FlatLayout:
       if isinstance(tree, Mapping) and set(tree) == set(self._buffers):
         raise ValueError(f"{what} is already flat (keys {sorted(tree)}); pass the tree")
       raise _structure_error(tree, [s.path for s in self._slots], what)
-    for leaf, slot in zip(leaves, self._slots):
+    for leaf, slot in zip(leaves, self._slots, strict=True):
       shape, dtype = tuple(jnp.shape(leaf)), jnp.result_type(leaf)
       if shape != slot.shape:
-        raise ValueError(f"{what}: {slot.path} has shape {shape}, the layout expects "
-                         f"{slot.shape}")
+        raise ValueError(f"{what}: {slot.path} has shape {shape}, the layout expects {slot.shape}")
       if dtype != slot.dtype:
-        raise ValueError(f"{what}: {slot.path} has dtype {dtype}, the layout expects "
-                         f"{slot.dtype} (FlatLayout never converts dtypes)")
+        raise ValueError(
+          f"{what}: {slot.path} has dtype {dtype}, the layout expects "
+          f"{slot.dtype} (FlatLayout never converts dtypes)"
+        )
     return leaves
 
   # ---- masks ----
@@ -339,17 +358,19 @@ class FlatLayout:
         on = ", ".join(self._slots[i].path for i in idx if values[i])
         off = ", ".join(self._slots[i].path for i in idx if not values[i])
         raise ValueError(
-            f"buffer {key!r} holds leaves the mask selects ({on[:200]}) and leaves it does "
-            f"not ({off[:200]}); a flat buffer is decayed as a whole. Build "
-            "the layout with FlatLayout(params, group=mask) so that they live in separate "
-            "buffers")
+          f"buffer {key!r} holds leaves the mask selects ({on[:200]}) and leaves it does "
+          f"not ({off[:200]}); a flat buffer is decayed as a whole. Build "
+          "the layout with FlatLayout(params, group=mask) so that they live in separate "
+          "buffers"
+        )
       out[key] = chosen.pop() if chosen else True
     return out
 
   # ---- the optimizer ----
 
-  def optimizer(self, factory: Callable[..., optax.GradientTransformation], *args: Any,
-                **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+  def optimizer(
+    self, factory: Callable[..., optax.GradientTransformation], *args: Any, **kwargs: Any
+  ) -> optax.GradientTransformationExtraArgs:
     """Builds `factory(*args, **kwargs)` to update this layout's flat buffers, bit-exactly.
 
     Every adamjax preset and option is elementwise except the ones below, so on the flat
@@ -402,9 +423,10 @@ class FlatLayout:
       for option, what in _REFUSED.items():
         if options.get(option) is not None and not _is_zero(options[option]):
           raise ValueError(
-              f"{name}({option}=...) is not supported on flat buffers: {what}, which a "
-              "FlatLayout buffer does not keep apart. Clip the per-leaf gradients before "
-              "they reach the buffers, use clipvalue, or keep the per-leaf tree")
+            f"{name}({option}=...) is not supported on flat buffers: {what}, which a "
+            "FlatLayout buffer does not keep apart. Clip the per-leaf gradients before "
+            "they reach the buffers, use clipvalue, or keep the per-leaf tree"
+          )
       _translate_masks(self, options)
       args, kwargs = bound.args, bound.kwargs
     inner = optax.with_extra_args_support(factory(*args, **kwargs))
@@ -422,13 +444,15 @@ class FlatLayout:
       signature = (jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract)))
       if signature not in checked:
         jaxpr = jax.make_jaxpr(functools.partial(inner.update, **extra_args))(*abstract)
-        mixing = _first_mixing_op(jaxpr.jaxpr, {
-            v for v in jaxpr.jaxpr.invars if v.aval.shape != ()})
+        mixing = _first_mixing_op(
+          jaxpr.jaxpr, {v for v in jaxpr.jaxpr.invars if v.aval.shape != ()}
+        )
         if mixing is not None:
           raise ValueError(
-              f"{name} is not elementwise: its update applies `{mixing}` to a flat buffer, "
-              "which on a FlatLayout would mix parameter tensors (a norm, a sum, a reshape). "
-              "Use elementwise options on flat buffers, or the per-leaf tree")
+            f"{name} is not elementwise: its update applies `{mixing}` to a flat buffer, "
+            "which on a FlatLayout would mix parameter tensors (a norm, a sum, a reshape). "
+            "Use elementwise options on flat buffers, or the per-leaf tree"
+          )
         checked[signature] = None
       return inner.update(updates, state, params, **extra_args)
 
@@ -438,9 +462,11 @@ class FlatLayout:
 # Options that are not elementwise, refused by name (the jaxpr check would refuse them too, with
 # a less specific message).
 _REFUSED = {
-    "clipnorm": "it clips each parameter tensor by that tensor's own norm",
-    "global_clipnorm": ("it sums the squares of each tensor, then the sums in tree order, and "
-                        "the bits of the norm depend on that order"),
+  "clipnorm": "it clips each parameter tensor by that tensor's own norm",
+  "global_clipnorm": (
+    "it sums the squares of each tensor, then the sums in tree order, and "
+    "the bits of the norm depend on that order"
+  ),
 }
 
 
@@ -466,13 +492,15 @@ def _translate_masks(layout: FlatLayout, options: dict[str, Any]) -> None:
 
 # Primitives that compute each output element from the same element of each input. Anything else
 # applied to a buffer-derived array (reduce_sum, slice, reshape, dot_general, ...) mixes elements.
-_ELEMENTWISE = frozenset("""
+_ELEMENTWISE = frozenset(
+  """
     abs acos acosh add and asin asinh atan atan2 atanh bitcast_convert_type cbrt ceil clamp conj
     convert_element_type copy copy_p cos cosh div eq erf erf_inv erfc exp exp2 expm1 floor ge gt
     imag integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not
     optimization_barrier or pow real reduce_precision rem round rsqrt select_n shift_left
     shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient sub tan
-    tanh xor""".split())
+    tanh xor""".split()
+)
 
 
 def _first_mixing_op(jaxpr: jex.Jaxpr, tainted: set[Any]) -> str | None:
@@ -484,8 +512,9 @@ def _first_mixing_op(jaxpr: jex.Jaxpr, tainted: set[Any]) -> str | None:
   non-scalar input of the inner jaxpr counts as buffer-derived.
   """
   for eqn in jaxpr.eqns:
-    touched = [v for v in eqn.invars
-               if isinstance(v, jex.Var) and v in tainted and v.aval.shape != ()]
+    touched = [
+      v for v in eqn.invars if isinstance(v, jex.Var) and v in tainted and v.aval.shape != ()
+    ]
     if not touched:
       continue
     inner = list(jex.jaxprs_in_params(eqn.params))

@@ -35,17 +35,17 @@ class ScaleByKerasAdamState(NamedTuple):
 
 
 def _keras_step(
-    g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    v_max: jax.Array | None,
-    *,
-    lr: jax.Array,
-    count_inc: jax.Array,
-    beta_1: Any,
-    beta_2: Any,
-    epsilon: Any,
-    r: Any,
+  g: jax.Array,
+  m: jax.Array,
+  v: jax.Array,
+  v_max: jax.Array | None,
+  *,
+  lr: jax.Array,
+  count_inc: jax.Array,
+  beta_1: Any,
+  beta_2: Any,
+  epsilon: Any,
+  r: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """One leaf of `keras.optimizers.Adam.update_step`, operation for operation.
 
@@ -71,13 +71,13 @@ def _keras_step(
 
 
 def scale_by_keras_adam(
-    learning_rate: optax.ScalarOrSchedule = 1.0,
-    beta_1: Any = 0.9,
-    beta_2: Any = 0.999,
-    epsilon: Any = 1e-7,
-    amsgrad: bool = False,
-    *,
-    fused_multiply_add: bool = False,
+  learning_rate: optax.ScalarOrSchedule = 1.0,
+  beta_1: Any = 0.9,
+  beta_2: Any = 0.999,
+  epsilon: Any = 1e-7,
+  amsgrad: bool = False,
+  *,
+  fused_multiply_add: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescales updates as `keras.optimizers.Adam.update_step`, learning rate included.
 
@@ -119,10 +119,10 @@ def scale_by_keras_adam(
   def init_fn(params):
     _common.check_betas_representable(params, "keras_adam", beta_1=beta_1, beta_2=beta_2)
     return ScaleByKerasAdamState(
-        count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params),
-        nu=optax.tree.zeros_like(params),
-        nu_max=optax.tree.zeros_like(params) if amsgrad else None,
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params),
+      nu=optax.tree.zeros_like(params),
+      nu_max=optax.tree.zeros_like(params) if amsgrad else None,
     )
 
   def update_fn(updates, state, params=None):
@@ -131,14 +131,22 @@ def scale_by_keras_adam(
     lr = _common.resolve(learning_rate, state.count)
     count_inc = _common.safe_increment(state.count)
     step = lambda g, m, v, vm: _keras_step(  # noqa: E731
-        g, m, v, vm, lr=lr, count_inc=count_inc, beta_1=beta_1, beta_2=beta_2,
-        epsilon=epsilon, r=_common.make_rounder(not fused_multiply_add, state.count),
+      g,
+      m,
+      v,
+      vm,
+      lr=lr,
+      count_inc=count_inc,
+      beta_1=beta_1,
+      beta_2=beta_2,
+      epsilon=epsilon,
+      r=_common.make_rounder(not fused_multiply_add, state.count),
     )
     nu_max = state.nu_max if amsgrad else jax.tree.map(lambda _: None, state.nu)
     out = _common.tree_map_leaves(step, updates, state.mu, state.nu, nu_max)
     steps, mu, nu, nu_max = _common.tree_unzip(updates, out, 4)
     return steps, ScaleByKerasAdamState(
-        count=count_inc, mu=mu, nu=nu, nu_max=nu_max if amsgrad else None
+      count=count_inc, mu=mu, nu=nu, nu_max=nu_max if amsgrad else None
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -149,18 +157,27 @@ def _check_keras_learning_rate(learning_rate: Any) -> None:
   # LearningRateSchedule, or a callable"); so do we, with the same kind of error.
   if isinstance(learning_rate, (bool, int, np.integer)):
     raise ValueError(
-        f"learning_rate should be a float or a schedule, got the integer {learning_rate!r} "
-        "(Keras refuses integers too: write 1.0, not 1)")
+      f"learning_rate should be a float or a schedule, got the integer {learning_rate!r} "
+      "(Keras refuses integers too: write 1.0, not 1)"
+    )
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
 
 
 def _keras_clip(clipnorm, clipvalue, global_clipnorm, fused_multiply_add):
-  given = {k: v for k, v in [("clipnorm", clipnorm), ("clipvalue", clipvalue),
-                             ("global_clipnorm", global_clipnorm)] if v is not None}
+  given = {
+    k: v
+    for k, v in [
+      ("clipnorm", clipnorm),
+      ("clipvalue", clipvalue),
+      ("global_clipnorm", global_clipnorm),
+    ]
+    if v is not None
+  }
   if len(given) > 1:
     raise ValueError(
-        "Only one of clipnorm, clipvalue and global_clipnorm can be set, got "
-        + ", ".join(f"{k}={v!r}" for k, v in given.items()))
+      "Only one of clipnorm, clipvalue and global_clipnorm can be set, got "
+      + ", ".join(f"{k}={v!r}" for k, v in given.items())
+    )
   # As in Keras, a clip option is active only when > 0.
   if clipnorm:
     return [keras_clip_by_norm(clipnorm, fused_multiply_add=fused_multiply_add)]
@@ -172,25 +189,25 @@ def _keras_clip(clipnorm, clipvalue, global_clipnorm, fused_multiply_add):
 
 
 def keras_adam(
-    learning_rate: optax.ScalarOrSchedule = 0.001,
-    beta_1: Any = 0.9,
-    beta_2: Any = 0.999,
-    epsilon: Any = 1e-7,
-    amsgrad: bool = False,
-    weight_decay: Any | None = None,
-    clipnorm: Any | None = None,
-    clipvalue: Any | None = None,
-    global_clipnorm: Any | None = None,
-    use_ema: bool = False,
-    ema_momentum: Any = 0.99,
-    ema_overwrite_frequency: int | None = None,
-    loss_scale_factor: Any | None = None,
-    gradient_accumulation_steps: int | None = None,
-    name: str | None = None,
-    *,
-    exclude_from_weight_decay: Sequence[str] | None = None,
-    weight_decay_mask: Any | None = None,
-    fused_multiply_add: bool = False,
+  learning_rate: optax.ScalarOrSchedule = 0.001,
+  beta_1: Any = 0.9,
+  beta_2: Any = 0.999,
+  epsilon: Any = 1e-7,
+  amsgrad: bool = False,
+  weight_decay: Any | None = None,
+  clipnorm: Any | None = None,
+  clipvalue: Any | None = None,
+  global_clipnorm: Any | None = None,
+  use_ema: bool = False,
+  ema_momentum: Any = 0.99,
+  ema_overwrite_frequency: int | None = None,
+  loss_scale_factor: Any | None = None,
+  gradient_accumulation_steps: int | None = None,
+  name: str | None = None,
+  *,
+  exclude_from_weight_decay: Sequence[str] | None = None,
+  weight_decay_mask: Any | None = None,
+  fused_multiply_add: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adam as `keras.optimizers.Adam`: same constructor, options, defaults and float32 results.
 
@@ -276,48 +293,64 @@ def keras_adam(
   fma = fused_multiply_add
   update = _keras_clip(clipnorm, clipvalue, global_clipnorm, fma)
   update += [
-      scale_by_keras_adam(lr, beta_1, beta_2, epsilon, amsgrad, fused_multiply_add=fma),
-      optax.scale(-1.0),
+    scale_by_keras_adam(lr, beta_1, beta_2, epsilon, amsgrad, fused_multiply_add=fma),
+    optax.scale(-1.0),
   ]
   if weight_decay:
-    update.append(keras_weight_decay(
-        weight_decay, lr, exclude=exclude_from_weight_decay, mask=weight_decay_mask,
-        fused_multiply_add=fma))
+    update.append(
+      keras_weight_decay(
+        weight_decay,
+        lr,
+        exclude=exclude_from_weight_decay,
+        mask=weight_decay_mask,
+        fused_multiply_add=fma,
+      )
+    )
   elif weight_decay is not None:
     _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  pipeline = [] if loss_scale_factor is None else [
-      unscale_gradients(loss_scale_factor, fused_multiply_add=fma)]
+  pipeline = (
+    []
+    if loss_scale_factor is None
+    else [unscale_gradients(loss_scale_factor, fused_multiply_add=fma)]
+  )
   if steps:
     pipeline.append(
-        keras_gradient_accumulation(optax.chain(*update), steps, fused_multiply_add=fma))
+      keras_gradient_accumulation(optax.chain(*update), steps, fused_multiply_add=fma)
+    )
   else:
     pipeline.extend(update)
   if use_ema:
-    pipeline.append(ema(ema_momentum, ema_overwrite_frequency,
-                        gradient_accumulation_steps=steps or 1, fused_multiply_add=fma))
+    pipeline.append(
+      ema(
+        ema_momentum,
+        ema_overwrite_frequency,
+        gradient_accumulation_steps=steps or 1,
+        fused_multiply_add=fma,
+      )
+    )
   return optax.chain(*pipeline)
 
 
 def keras_adamw(
-    learning_rate: optax.ScalarOrSchedule = 0.001,
-    weight_decay: Any = 0.004,
-    beta_1: Any = 0.9,
-    beta_2: Any = 0.999,
-    epsilon: Any = 1e-7,
-    amsgrad: bool = False,
-    clipnorm: Any | None = None,
-    clipvalue: Any | None = None,
-    global_clipnorm: Any | None = None,
-    use_ema: bool = False,
-    ema_momentum: Any = 0.99,
-    ema_overwrite_frequency: int | None = None,
-    loss_scale_factor: Any | None = None,
-    gradient_accumulation_steps: int | None = None,
-    name: str | None = None,
-    *,
-    exclude_from_weight_decay: Sequence[str] | None = None,
-    weight_decay_mask: Any | None = None,
-    fused_multiply_add: bool = False,
+  learning_rate: optax.ScalarOrSchedule = 0.001,
+  weight_decay: Any = 0.004,
+  beta_1: Any = 0.9,
+  beta_2: Any = 0.999,
+  epsilon: Any = 1e-7,
+  amsgrad: bool = False,
+  clipnorm: Any | None = None,
+  clipvalue: Any | None = None,
+  global_clipnorm: Any | None = None,
+  use_ema: bool = False,
+  ema_momentum: Any = 0.99,
+  ema_overwrite_frequency: int | None = None,
+  loss_scale_factor: Any | None = None,
+  gradient_accumulation_steps: int | None = None,
+  name: str | None = None,
+  *,
+  exclude_from_weight_decay: Sequence[str] | None = None,
+  weight_decay_mask: Any | None = None,
+  fused_multiply_add: bool = False,
 ) -> optax.GradientTransformation:
   """AdamW as `keras.optimizers.AdamW`: :func:`keras_adam` with `weight_decay=0.004`.
 
@@ -330,7 +363,22 @@ def keras_adamw(
     >>> tx = adamjax.keras_adamw(1e-3, exclude_from_weight_decay=["bias"])
   """
   return keras_adam(
-      learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay, clipnorm, clipvalue,
-      global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency, loss_scale_factor,
-      gradient_accumulation_steps, name, exclude_from_weight_decay=exclude_from_weight_decay,
-      weight_decay_mask=weight_decay_mask, fused_multiply_add=fused_multiply_add)
+    learning_rate,
+    beta_1,
+    beta_2,
+    epsilon,
+    amsgrad,
+    weight_decay,
+    clipnorm,
+    clipvalue,
+    global_clipnorm,
+    use_ema,
+    ema_momentum,
+    ema_overwrite_frequency,
+    loss_scale_factor,
+    gradient_accumulation_steps,
+    name,
+    exclude_from_weight_decay=exclude_from_weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    fused_multiply_add=fused_multiply_add,
+  )

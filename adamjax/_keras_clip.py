@@ -34,7 +34,7 @@ def _sum_of_squares(g: jax.Array, r: Any, **kwargs: Any) -> jax.Array:
 
 
 def keras_clip_by_norm(
-    clipnorm: Any, *, fused_multiply_add: bool = False
+  clipnorm: Any, *, fused_multiply_add: bool = False
 ) -> optax.GradientTransformation:
   r"""Clips each gradient tensor to L2 norm `clipnorm`, as Keras's `clipnorm` option.
 
@@ -63,17 +63,19 @@ def keras_clip_by_norm(
       l2sum = _sum_of_squares(g, r, keepdims=True)
       positive = l2sum > 0
       l2norm = jnp.where(
-          positive, jnp.sqrt(jnp.where(positive, l2sum, jnp.ones_like(l2sum))), l2sum)
+        positive, jnp.sqrt(jnp.where(positive, l2sum, jnp.ones_like(l2sum))), l2sum
+      )
       return (g * clipnorm) / jnp.maximum(l2norm, clipnorm)
 
     return _common.tree_map_leaves(clip, updates), KerasClipState(
-        _common.safe_increment(state.step))
+      _common.safe_increment(state.step)
+    )
 
   return optax.GradientTransformation(_init, update_fn)
 
 
 def keras_clip_by_global_norm(
-    global_clipnorm: Any, *, fused_multiply_add: bool = False
+  global_clipnorm: Any, *, fused_multiply_add: bool = False
 ) -> optax.GradientTransformation:
   r"""Scales all gradients so their joint L2 norm is at most `global_clipnorm`, as Keras.
 
@@ -104,7 +106,8 @@ def keras_clip_by_global_norm(
     norm = jnp.sqrt(jnp.sum(jnp.stack([_sum_of_squares(g, r) for g in leaves])))
     scale = global_clipnorm * jnp.minimum(1.0 / norm, 1.0 / global_clipnorm) + (norm - norm)
     return _common.tree_map_leaves(lambda g: g * scale, updates), KerasClipState(
-        _common.safe_increment(state.step))
+      _common.safe_increment(state.step)
+    )
 
   return optax.GradientTransformation(_init, update_fn)
 

@@ -33,9 +33,9 @@ def path_name(path: tuple[Any, ...]) -> str:
 
 
 def decay_mask(
-    params: Any,
-    exclude: Sequence[str] | None = None,
-    mask: Any | Callable[[Any], Any] | None = None,
+  params: Any,
+  exclude: Sequence[str] | None = None,
+  mask: Any | Callable[[Any], Any] | None = None,
 ) -> Any:
   """The tree of booleans saying which parameters are decayed.
 
@@ -52,18 +52,19 @@ def decay_mask(
   if exclude:
     pattern = re.compile("|".join(exclude))
     excluded = jax.tree_util.tree_map_with_path(
-        lambda path, _: pattern.search(path_name(path)) is not None, params)
+      lambda path, _: pattern.search(path_name(path)) is not None, params
+    )
     mask = jax.tree.map(lambda keep, out: bool(keep) and not out, mask, excluded)
   return mask
 
 
 def keras_weight_decay(
-    weight_decay: Any,
-    learning_rate: optax.ScalarOrSchedule = 0.001,
-    *,
-    exclude: Sequence[str] | None = None,
-    mask: Any | Callable[[Any], Any] | None = None,
-    fused_multiply_add: bool = False,
+  weight_decay: Any,
+  learning_rate: optax.ScalarOrSchedule = 0.001,
+  *,
+  exclude: Sequence[str] | None = None,
+  mask: Any | Callable[[Any], Any] | None = None,
+  fused_multiply_add: bool = False,
 ) -> optax.GradientTransformation:
   r"""Keras's weight decay, :math:`\theta \leftarrow \theta - (\theta\,\lambda)\,\eta`, before the step.
 
@@ -119,8 +120,9 @@ def keras_weight_decay(
       # `params`, exact (Sterbenz) unless a parameter jumps by more than a factor of two.
       return (decayed + u) - p
 
-    updates = _common.tree_map_leaves(decayed_update, updates, params, decay_mask(
-        params, exclude, mask))
+    updates = _common.tree_map_leaves(
+      decayed_update, updates, params, decay_mask(params, exclude, mask)
+    )
     return updates, KerasWeightDecayState(step=_common.safe_increment(state.step))
 
   return optax.GradientTransformation(init_fn, update_fn)

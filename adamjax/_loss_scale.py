@@ -12,7 +12,7 @@ from adamjax import _common
 
 
 def unscale_gradients(
-    loss_scale_factor: Any, *, fused_multiply_add: bool = False
+  loss_scale_factor: Any, *, fused_multiply_add: bool = False
 ) -> optax.GradientTransformation:
   """Divides the gradients by a fixed loss scale, as Keras's `loss_scale_factor` option.
 
@@ -33,8 +33,11 @@ def unscale_gradients(
 
   def update_fn(updates, state, params=None):
     del params
-    divide = (lambda g: g / loss_scale_factor) if fused_multiply_add else (
-        lambda g: _common.true_divide(g, loss_scale_factor))
+    divide = (
+      (lambda g: g / loss_scale_factor)
+      if fused_multiply_add
+      else (lambda g: _common.true_divide(g, loss_scale_factor))
+    )
     return _common.tree_map_leaves(divide, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
@@ -49,9 +52,9 @@ class DynamicLossScaleState(NamedTuple):
 
 
 def dynamic_loss_scale(
-    inner: optax.GradientTransformation,
-    initial_scale: float = 2.0**15,
-    dynamic_growth_steps: int = 2000,
+  inner: optax.GradientTransformation,
+  initial_scale: float = 2.0**15,
+  dynamic_growth_steps: int = 2000,
 ) -> optax.GradientTransformation:
   """Dynamic loss scaling around any transformation, as `keras.optimizers.LossScaleOptimizer`.
 
@@ -83,33 +86,36 @@ def dynamic_loss_scale(
     `keras/src/optimizers/loss_scale_optimizer.py`.
   """
   _common.check_hyperparameter("initial_scale", initial_scale, low=0.0)
-  if isinstance(dynamic_growth_steps, bool) or not isinstance(dynamic_growth_steps, int) or (
-      dynamic_growth_steps < 1):
-    raise ValueError(
-        f"dynamic_growth_steps must be an integer >= 1, got {dynamic_growth_steps!r}")
+  if (
+    isinstance(dynamic_growth_steps, bool)
+    or not isinstance(dynamic_growth_steps, int)
+    or (dynamic_growth_steps < 1)
+  ):
+    raise ValueError(f"dynamic_growth_steps must be an integer >= 1, got {dynamic_growth_steps!r}")
 
   def init_fn(params):
     return DynamicLossScaleState(
-        loss_scale=jnp.asarray(initial_scale, jnp.float32),
-        step_counter=jnp.zeros([], jnp.int32),
-        inner_state=inner.init(params),
+      loss_scale=jnp.asarray(initial_scale, jnp.float32),
+      step_counter=jnp.zeros([], jnp.int32),
+      inner_state=inner.init(params),
     )
 
   def update_fn(updates, state, params=None):
     leaves = [g for g in jax.tree.leaves(updates) if g is not None]
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
-    unscaled = _common.tree_map_leaves(
-        lambda g: g / state.loss_scale.astype(g.dtype), updates)
+    unscaled = _common.tree_map_leaves(lambda g: g / state.loss_scale.astype(g.dtype), updates)
     new_updates, new_inner = inner.update(unscaled, state.inner_state, params)
     grow = state.step_counter == dynamic_growth_steps - 1
     loss_scale = jnp.where(
-        finite, jnp.where(grow, state.loss_scale * 2.0, state.loss_scale),
-        state.loss_scale * 0.5)
+      finite, jnp.where(grow, state.loss_scale * 2.0, state.loss_scale), state.loss_scale * 0.5
+    )
     step_counter = jnp.where(finite & ~grow, state.step_counter + 1, 0)
     new_updates = _common.tree_map_leaves(
-        lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+      lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
+    )
     inner_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state)
+      lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
+    )
     return new_updates, DynamicLossScaleState(loss_scale, step_counter, inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -118,5 +124,6 @@ def dynamic_loss_scale(
 def scale_loss(loss: jax.Array, state: Any) -> jax.Array:
   """Multiplies `loss` by the current scale of the :func:`dynamic_loss_scale` in `state`."""
   scaler = _common.find_state(
-      state, DynamicLossScaleState, "wrap the optimizer in adamjax.dynamic_loss_scale")
+    state, DynamicLossScaleState, "wrap the optimizer in adamjax.dynamic_loss_scale"
+  )
   return loss * scaler.loss_scale.astype(jnp.result_type(loss))

@@ -17,6 +17,7 @@ ScaleByAdamState = optax.ScaleByAdamState
 
 # ---- per-leaf arithmetic, in optax's evaluation order (optax/_src/transform.py) ----
 
+
 def _first_moment(g: jax.Array, mu: jax.Array, b1: Any) -> jax.Array:
   return (1 - b1) * g + b1 * mu
 
@@ -27,13 +28,13 @@ def _second_moment(g: jax.Array, nu: jax.Array, b2: Any) -> jax.Array:
 
 
 def scale_by_adam(
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any | None = None,
-    *,
-    nesterov: bool = False,
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-8,
+  eps_root: Any = 0.0,
+  mu_dtype: Any | None = None,
+  *,
+  nesterov: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam's bias-corrected moment ratio, as `optax.scale_by_adam`.
 
@@ -94,15 +95,15 @@ def scale_by_adam(
     # bfloat16 from dividing by zero.
     if nesterov:
       mu_hat = _common.tree_map_leaves(
-          lambda m, g: b1 * m + (1 - b1) * g,
-          optax.tree.bias_correction(mu, b1, _common.safe_increment(count_inc)),
-          optax.tree.bias_correction(updates, b1, count_inc),
+        lambda m, g: b1 * m + (1 - b1) * g,
+        optax.tree.bias_correction(mu, b1, _common.safe_increment(count_inc)),
+        optax.tree.bias_correction(updates, b1, count_inc),
       )
     else:
       mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
     updates = _common.tree_map_leaves(
-        lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat
+      lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat
     )
     mu = optax.tree.cast(mu, mu_dtype)
     nu = optax.tree.cast_like(nu, state.nu)
@@ -112,14 +113,14 @@ def scale_by_adam(
 
 
 def adam(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    *,
-    mu_dtype: Any | None = None,
-    nesterov: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-8,
+  eps_root: Any = 0.0,
+  *,
+  mu_dtype: Any | None = None,
+  nesterov: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adam with optax semantics: a drop-in replacement for `optax.adam`.
 
@@ -170,22 +171,22 @@ def adam(
   """
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
   return optax.chain(
-      scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
 def adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    mu_dtype: Any | None = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
-    mask: Any | None = None,
-    *,
-    nesterov: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: Any = 0.9,
+  b2: Any = 0.999,
+  eps: Any = 1e-8,
+  eps_root: Any = 0.0,
+  mu_dtype: Any | None = None,
+  weight_decay: optax.ScalarOrSchedule = 1e-4,
+  mask: Any | None = None,
+  *,
+  nesterov: bool = False,
 ) -> optax.GradientTransformation:
   r"""AdamW with optax semantics: a drop-in replacement for `optax.adamw`.
 
@@ -221,7 +222,7 @@ def adamw(
   _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
   _common.check_hyperparameter("weight_decay", weight_decay, low=0.0, allow_schedule=True)
   return optax.chain(
-      scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )

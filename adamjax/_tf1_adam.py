@@ -30,17 +30,17 @@ class ScaleByTF1AdamState(NamedTuple):
 
 
 def _tf1_step(
-    g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    *,
-    lr: Any,
-    beta1: Any,
-    beta2: Any,
-    epsilon: Any,
-    beta1_power: jax.Array,
-    beta2_power: jax.Array,
-    r: Any,
+  g: jax.Array,
+  m: jax.Array,
+  v: jax.Array,
+  *,
+  lr: Any,
+  beta1: Any,
+  beta2: Any,
+  epsilon: Any,
+  beta1_power: jax.Array,
+  beta2_power: jax.Array,
+  r: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One leaf of TensorFlow's CPU `ApplyAdamNonCuda` kernel (`training_ops.cc`).
 
@@ -62,12 +62,12 @@ def _tf1_step(
 
 
 def scale_by_tf1_adam(
-    learning_rate: optax.ScalarOrSchedule = 1.0,
-    beta1: Any = 0.9,
-    beta2: Any = 0.999,
-    epsilon: Any = 1e-8,
-    *,
-    fused_multiply_add: bool = False,
+  learning_rate: optax.ScalarOrSchedule = 1.0,
+  beta1: Any = 0.9,
+  beta2: Any = 0.999,
+  epsilon: Any = 1e-8,
+  *,
+  fused_multiply_add: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescales updates as TensorFlow's `ApplyAdam` kernel, learning rate included.
 
@@ -103,11 +103,11 @@ def scale_by_tf1_adam(
   def init_fn(params):
     _common.check_betas_representable(params, "tf1_adam", beta1=beta1, beta2=beta2)
     return ScaleByTF1AdamState(
-        count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params),
-        nu=optax.tree.zeros_like(params),
-        beta1_power=jnp.asarray(beta1, jnp.float32),
-        beta2_power=jnp.asarray(beta2, jnp.float32),
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params),
+      nu=optax.tree.zeros_like(params),
+      beta1_power=jnp.asarray(beta1, jnp.float32),
+      beta2_power=jnp.asarray(beta2, jnp.float32),
     )
 
   def update_fn(updates, state, params=None):
@@ -115,33 +115,40 @@ def scale_by_tf1_adam(
     _common.check_updates_match(updates, state.nu)
     lr = _common.resolve(learning_rate, state.count)
     step = lambda g, m, v: _tf1_step(  # noqa: E731
-        g, m, v, lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
-        beta1_power=state.beta1_power, beta2_power=state.beta2_power,
-        r=_common.make_rounder(not fused_multiply_add, state.count),
+      g,
+      m,
+      v,
+      lr=lr,
+      beta1=beta1,
+      beta2=beta2,
+      epsilon=epsilon,
+      beta1_power=state.beta1_power,
+      beta2_power=state.beta2_power,
+      r=_common.make_rounder(not fused_multiply_add, state.count),
     )
     out = _common.tree_map_leaves(step, updates, state.mu, state.nu)
     steps, mu, nu = _common.tree_unzip(updates, out, 3)
     # TF's `_finish`: after every variable is updated, beta_power *= beta (float32).
     return steps, ScaleByTF1AdamState(
-        count=_common.safe_increment(state.count),
-        mu=mu,
-        nu=nu,
-        beta1_power=state.beta1_power * jnp.asarray(beta1, jnp.float32),
-        beta2_power=state.beta2_power * jnp.asarray(beta2, jnp.float32),
+      count=_common.safe_increment(state.count),
+      mu=mu,
+      nu=nu,
+      beta1_power=state.beta1_power * jnp.asarray(beta1, jnp.float32),
+      beta2_power=state.beta2_power * jnp.asarray(beta2, jnp.float32),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def tf1_adam(
-    learning_rate: optax.ScalarOrSchedule = 0.001,
-    beta1: Any = 0.9,
-    beta2: Any = 0.999,
-    epsilon: Any = 1e-8,
-    use_locking: bool = False,
-    name: str = "Adam",
-    *,
-    fused_multiply_add: bool = False,
+  learning_rate: optax.ScalarOrSchedule = 0.001,
+  beta1: Any = 0.9,
+  beta2: Any = 0.999,
+  epsilon: Any = 1e-8,
+  use_locking: bool = False,
+  name: str = "Adam",
+  *,
+  fused_multiply_add: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adam as `tf.compat.v1.train.AdamOptimizer` (dense), to float32 rounding.
 
@@ -178,8 +185,6 @@ def tf1_adam(
   """
   del use_locking, name
   return optax.chain(
-      scale_by_tf1_adam(learning_rate, beta1, beta2, epsilon,
-                        fused_multiply_add=fused_multiply_add),
-      optax.scale(-1.0),
+    scale_by_tf1_adam(learning_rate, beta1, beta2, epsilon, fused_multiply_add=fused_multiply_add),
+    optax.scale(-1.0),
   )
-

@@ -168,8 +168,9 @@ def _bias_correction(r: Rounder, beta: float, step: jax.Array) -> DoubleFloat:
   """
   t0, t1, t2 = _power_tables(beta)
   row = lambda table, d: (jnp.asarray(table)[d, 0], jnp.asarray(table)[d, 1])  # noqa: E731
-  power = _df_mul(r, _df_mul(r, row(t0, step & 255), row(t1, (step >> 8) & 255)),
-                  row(t2, step >> 16))
+  power = _df_mul(
+    r, _df_mul(r, row(t0, step & 255), row(t1, (step >> 8) & 255)), row(t2, step >> 16)
+  )
   s, e = _two_sum(r, jnp.ones([], jnp.float32), -power[0])
   return _fast_two_sum(r, s, e - power[1])
 
@@ -189,23 +190,23 @@ def _decay_factor(r: Rounder, lr: Any, weight_decay: Any) -> jax.Array:
 
 
 def _torch_step(
-    g: jax.Array,
-    p: jax.Array | None,
-    m: jax.Array,
-    v: jax.Array,
-    v_max: jax.Array | None,
-    *,
-    step_size: jax.Array,
-    bias_correction2_sqrt: jax.Array,
-    decay: jax.Array | None,
-    weight_decay: Any,
-    one_minus_beta1: np.float32,
-    beta2: np.float32,
-    one_minus_beta2: np.float32,
-    eps: Any,
-    maximize: bool,
-    fused: bool,
-    r: Rounder,
+  g: jax.Array,
+  p: jax.Array | None,
+  m: jax.Array,
+  v: jax.Array,
+  v_max: jax.Array | None,
+  *,
+  step_size: jax.Array,
+  bias_correction2_sqrt: jax.Array,
+  decay: jax.Array | None,
+  weight_decay: Any,
+  one_minus_beta1: np.float32,
+  beta2: np.float32,
+  one_minus_beta2: np.float32,
+  eps: Any,
+  maximize: bool,
+  fused: bool,
+  r: Rounder,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """Returns `(p - p_new, m, v, v_max)` for one parameter, PyTorch's kernels op for op.
 
@@ -232,8 +233,11 @@ def _torch_step(
     p_cur = store(r(p0 * decay))
   elif p0 is not None:  # grad = grad.add(param, alpha=weight_decay)
     decayed = store(madd(p0, jnp.asarray(weight_decay, f32), g))
-    g = decayed if not isinstance(weight_decay, jax.Array) else jnp.where(
-        weight_decay != 0, decayed, g)
+    g = (
+      decayed
+      if not isinstance(weight_decay, jax.Array)
+      else jnp.where(weight_decay != 0, decayed, g)
+    )
   # exp_avg.lerp_(grad, 1 - beta1): `self + w*(end - self)` for |w| < 0.5, else
   # `end - (end - self)*(1 - w)`; both are one fused multiply-add on float32 w.
   w = jnp.asarray(one_minus_beta1, f32)
@@ -271,24 +275,24 @@ def _static_beta(name: str, value: Any) -> float:
   """The exact double of a beta; PyTorch's bias corrections need it on the host."""
   if isinstance(value, jax.core.Tracer):
     raise ValueError(
-        f"{name} must be a concrete number: PyTorch raises the exact double {name} to the step "
-        f"count, which adamjax tabulates on the host (got a traced value {value!r}). "
-        f"optax.inject_hyperparams leaves the `betas` tuple static, so it is not affected."
+      f"{name} must be a concrete number: PyTorch raises the exact double {name} to the step "
+      f"count, which adamjax tabulates on the host (got a traced value {value!r}). "
+      f"optax.inject_hyperparams leaves the `betas` tuple static, so it is not affected."
     )
   _common.check_hyperparameter(name, value, low=0.0, high=1.0)
   return float(np.asarray(value, np.float64))
 
 
 def scale_by_torch_adam(
-    lr: optax.ScalarOrSchedule = 0.001,
-    betas: tuple[Any, Any] = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    amsgrad: bool = False,
-    *,
-    maximize: bool = False,
-    decoupled_weight_decay: bool = False,
-    fused_multiply_add: bool = True,
+  lr: optax.ScalarOrSchedule = 0.001,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.0,
+  amsgrad: bool = False,
+  *,
+  maximize: bool = False,
+  decoupled_weight_decay: bool = False,
+  fused_multiply_add: bool = True,
 ) -> optax.GradientTransformation:
   r"""Rescales updates as `torch.optim.Adam`'s single-tensor step, learning rate included.
 
@@ -338,19 +342,19 @@ def scale_by_torch_adam(
 
   def init_fn(params):
     return ScaleByTorchAdamState(
-        count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params),
-        nu=optax.tree.zeros_like(params),
-        nu_max=optax.tree.zeros_like(params) if amsgrad else None,
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params),
+      nu=optax.tree.zeros_like(params),
+      nu_max=optax.tree.zeros_like(params) if amsgrad else None,
     )
 
   def update_fn(updates, state, params=None):
     _common.check_updates_match(updates, state.nu)
     if use_params and params is None:
       raise ValueError(
-          "torch_adam with weight_decay needs `params` in update(updates, state, params). "
-          "A weight_decay given as an array (as optax.inject_hyperparams gives it) counts as "
-          "nonzero; list it in inject_hyperparams' static_args to keep a literal 0.0."
+        "torch_adam with weight_decay needs `params` in update(updates, state, params). "
+        "A weight_decay given as an array (as optax.inject_hyperparams gives it) counts as "
+        "nonzero; list it in inject_hyperparams' static_args to keep a literal 0.0."
       )
     current_lr = _common.resolve(lr, state.count)
     count_inc = _common.safe_increment(state.count)
@@ -359,38 +363,55 @@ def scale_by_torch_adam(
     r = _common.make_rounder(True, state.count)
     step_size = _df_div_to_f32(r, _df(current_lr), _bias_correction(r, beta1, step))
     bc2_sqrt = _df_sqrt_to_f32(r, _bias_correction(r, beta2, step))
-    decay = _decay_factor(r, current_lr, weight_decay) if (
-        use_params and decoupled_weight_decay) else None
+    decay = (
+      _decay_factor(r, current_lr, weight_decay)
+      if (use_params and decoupled_weight_decay)
+      else None
+    )
     leaf = lambda g, p, m, v, vm: _torch_step(  # noqa: E731
-        g, p, m, v, vm, step_size=step_size, bias_correction2_sqrt=bc2_sqrt, decay=decay,
-        weight_decay=weight_decay, one_minus_beta1=one_minus_beta1, beta2=np.float32(beta2),
-        one_minus_beta2=one_minus_beta2, eps=eps, maximize=maximize,
-        fused=fused_multiply_add, r=r,
+      g,
+      p,
+      m,
+      v,
+      vm,
+      step_size=step_size,
+      bias_correction2_sqrt=bc2_sqrt,
+      decay=decay,
+      weight_decay=weight_decay,
+      one_minus_beta1=one_minus_beta1,
+      beta2=np.float32(beta2),
+      one_minus_beta2=one_minus_beta2,
+      eps=eps,
+      maximize=maximize,
+      fused=fused_multiply_add,
+      r=r,
     )
     none_tree = jax.tree.map(lambda _: None, state.nu)
     nu_max = state.nu_max if amsgrad else none_tree
     if use_params:
       _common.check_updates_match(params, state.nu, "the optimizer state (params)")
     out = _common.tree_map_leaves(
-        leaf, updates, params if use_params else none_tree, state.mu, state.nu, nu_max)
+      leaf, updates, params if use_params else none_tree, state.mu, state.nu, nu_max
+    )
     steps, mu, nu, nu_max = _common.tree_unzip(updates, out, 4)
     return steps, ScaleByTorchAdamState(
-        count=count_inc, mu=mu, nu=nu, nu_max=nu_max if amsgrad else None)
+      count=count_inc, mu=mu, nu=nu, nu_max=nu_max if amsgrad else None
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def torch_adam(
-    lr: optax.ScalarOrSchedule = 0.001,
-    betas: tuple[Any, Any] = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    amsgrad: bool = False,
-    *,
-    foreach: bool | None = None,
-    maximize: bool = False,
-    decoupled_weight_decay: bool = False,
-    fused_multiply_add: bool = True,
+  lr: optax.ScalarOrSchedule = 0.001,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.0,
+  amsgrad: bool = False,
+  *,
+  foreach: bool | None = None,
+  maximize: bool = False,
+  decoupled_weight_decay: bool = False,
+  fused_multiply_add: bool = True,
 ) -> optax.GradientTransformation:
   r"""Adam as `torch.optim.Adam`: same constructor, defaults and float32 results.
 
@@ -451,24 +472,30 @@ def torch_adam(
   """
   del foreach
   return optax.chain(
-      scale_by_torch_adam(
-          lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-          decoupled_weight_decay=decoupled_weight_decay, fused_multiply_add=fused_multiply_add,
-      ),
-      optax.scale(-1.0),
+    scale_by_torch_adam(
+      lr,
+      betas,
+      eps,
+      weight_decay,
+      amsgrad,
+      maximize=maximize,
+      decoupled_weight_decay=decoupled_weight_decay,
+      fused_multiply_add=fused_multiply_add,
+    ),
+    optax.scale(-1.0),
   )
 
 
 def torch_adamw(
-    lr: optax.ScalarOrSchedule = 0.001,
-    betas: tuple[Any, Any] = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.01,
-    amsgrad: bool = False,
-    *,
-    maximize: bool = False,
-    foreach: bool | None = None,
-    fused_multiply_add: bool = True,
+  lr: optax.ScalarOrSchedule = 0.001,
+  betas: tuple[Any, Any] = (0.9, 0.999),
+  eps: Any = 1e-8,
+  weight_decay: Any = 0.01,
+  amsgrad: bool = False,
+  *,
+  maximize: bool = False,
+  foreach: bool | None = None,
+  fused_multiply_add: bool = True,
 ) -> optax.GradientTransformation:
   r"""AdamW as `torch.optim.AdamW`: decoupled decay :math:`\theta(1-\eta\lambda)` first.
 
@@ -511,6 +538,13 @@ def torch_adamw(
     `torch.optim.AdamW`, `torch/optim/adamw.py`; Loshchilov & Hutter 2019.
   """
   return torch_adam(
-      lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
-      decoupled_weight_decay=True, fused_multiply_add=fused_multiply_add,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    amsgrad,
+    foreach=foreach,
+    maximize=maximize,
+    decoupled_weight_decay=True,
+    fused_multiply_add=fused_multiply_add,
   )

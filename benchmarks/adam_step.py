@@ -48,11 +48,19 @@ import numpy as np
 BYTES_PER_PARAM = 28  # float32 Adam: read p, g, m, v; write p, m, v
 # (label, preset, keyword arguments) of the flat variants: every preset at its defaults, and
 # torch_adam without its emulated fused multiply-adds (to show what that emulation costs).
-FLAT_PRESETS = tuple((name, name, {}) for name in (
-    "adam", "adamw", "keras_adam", "keras_adamw", "tf1_adam", "torch_adam", "torch_adamw")) + (
-    ("torch_adam fused_multiply_add=False", "torch_adam", {"fused_multiply_add": False}),)
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                       "adam_step_cpu.md")
+FLAT_PRESETS = tuple(
+  (name, name, {})
+  for name in (
+    "adam",
+    "adamw",
+    "keras_adam",
+    "keras_adamw",
+    "tf1_adam",
+    "torch_adam",
+    "torch_adamw",
+  )
+) + (("torch_adam fused_multiply_add=False", "torch_adam", {"fused_multiply_add": False}),)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "adam_step_cpu.md")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,10 +77,15 @@ def tree_shapes(config: str, total: int, mixed_leaves: int) -> dict[str, Any]:
   widths = np.exp(np.random.default_rng(0).uniform(np.log(8), np.log(1024), layers + 1))
   raw = sum(widths[i] * widths[i + 1] for i in range(layers))
   widths = np.maximum(1, np.round(widths * math.sqrt(total / raw))).astype(int)
-  return {f"layer_{i:03d}": {"kernel": (int(widths[i]), int(widths[i + 1])),
-                             "bias": (int(widths[i + 1]),),
-                             "norm_scale": (int(widths[i + 1]),),
-                             "norm_bias": (int(widths[i + 1]),)} for i in range(layers)}
+  return {
+    f"layer_{i:03d}": {
+      "kernel": (int(widths[i]), int(widths[i + 1])),
+      "bias": (int(widths[i + 1]),),
+      "norm_scale": (int(widths[i + 1]),),
+      "norm_bias": (int(widths[i + 1]),),
+    }
+    for i in range(layers)
+  }
 
 
 def leaf_shapes(shapes: dict[str, Any]) -> list[tuple[int, ...]]:
@@ -127,11 +140,19 @@ def time_interleaved(runners: list[Runner], rounds: int, warmup: int = 1) -> Non
 
 
 def result_row(config: str, runner: Runner, nparams: int, framework: str) -> dict[str, Any]:
-  return {"config": config, "variant": runner.name, "framework": framework,
-          "donate": runner.donate, "ms": statistics.median(runner.times) * 1e3,
-          "min_ms": min(runner.times) * 1e3, "rounds": len(runner.times),
-          "compile_s": runner.compile_s, "peak_bytes": runner.peak_bytes,
-          "resident_bytes": runner.resident_bytes, "nparams": nparams}
+  return {
+    "config": config,
+    "variant": runner.name,
+    "framework": framework,
+    "donate": runner.donate,
+    "ms": statistics.median(runner.times) * 1e3,
+    "min_ms": min(runner.times) * 1e3,
+    "rounds": len(runner.times),
+    "compile_s": runner.compile_s,
+    "peak_bytes": runner.peak_bytes,
+    "resident_bytes": runner.resident_bytes,
+    "nparams": nparams,
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,13 +162,16 @@ def result_row(config: str, runner: Runner, nparams: int, framework: str) -> dic
 
 def _nbytes(tree: Any) -> int:
   import jax
+
   return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
-def jax_runner(name: str, fn: Callable, params: Any, state: Any, grads: Any,
-               donate: bool) -> Runner:
+def jax_runner(
+  name: str, fn: Callable, params: Any, state: Any, grads: Any, donate: bool
+) -> Runner:
   """Compiles `fn(params, state, grads) -> (params, state)` and wraps it as a Runner."""
   import jax
+
   jitted = jax.jit(fn, donate_argnums=(0, 1) if donate else ())
   start = time.perf_counter()
   compiled = jitted.lower(params, state, grads).compile()
@@ -155,16 +179,21 @@ def jax_runner(name: str, fn: Callable, params: Any, state: Any, grads: Any,
   mem = compiled.memory_analysis()
   peak = None
   if mem is not None:
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes)
+    peak = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      - mem.alias_size_in_bytes
+      + mem.temp_size_in_bytes
+    )
 
   def step(carry):
     out = compiled(*carry, grads)
     jax.block_until_ready(out)
     return out
 
-  return Runner(name, donate, step, (params, state), compile_s, peak,
-                _nbytes((params, state, grads)))
+  return Runner(
+    name, donate, step, (params, state), compile_s, peak, _nbytes((params, state, grads))
+  )
 
 
 def optimizer_step(tx: Any) -> Callable:
@@ -180,6 +209,7 @@ def optimizer_step(tx: Any) -> Callable:
 def copy_step(params, state, grads):
   """The roofline: reads p, g, m, v and writes p, m, v, as Adam does, with no arithmetic."""
   import jax
+
   add = lambda a, b: jax.tree.map(lambda x, y: x + y, a, b)  # noqa: E731
   m, v = state
   return add(params, grads), (add(m, grads), add(v, grads))
@@ -202,14 +232,18 @@ def jax_runners(shapes: dict[str, Any], donations: tuple[bool, ...]) -> list[Run
   grads_flat = layout.ravel(grads_tree)
   nparams = sum(math.prod(s) for s in flat_shapes)
   src, dst = np.ones(7 * nparams // 2, np.float32), np.zeros(7 * nparams // 2, np.float32)
-  runners = [Runner("memcpy (numpy, 1 thread, 28 B/param)", None,
-                    lambda _: np.copyto(dst, src), None)]
+  runners = [
+    Runner("memcpy (numpy, 1 thread, 28 B/param)", None, lambda _: np.copyto(dst, src), None)
+  ]
   for donate in donations:
     suffix = "" if donate else " (no donation)"
     params = layout.ravel(tree(host_p))
     zeros = lambda: jax.tree.map(jnp.zeros_like, grads_flat)  # noqa: E731
-    runners.append(jax_runner("copy (same bytes)" + suffix, copy_step, params,
-                              (zeros(), zeros()), grads_flat, donate))
+    runners.append(
+      jax_runner(
+        "copy (same bytes)" + suffix, copy_step, params, (zeros(), zeros()), grads_flat, donate
+      )
+    )
     per_leaf = [("optax.adam", optax.adam(1e-3))]
     if donate or len(flat_shapes) <= 100:  # compiling 1,000 leaves takes up to a minute
       per_leaf.append(("adamjax.adam per-leaf", adamjax.adam(1e-3)))
@@ -217,19 +251,31 @@ def jax_runners(shapes: dict[str, Any], donations: tuple[bool, ...]) -> list[Run
       per_leaf.append(("optax.flatten(adamjax.adam)", optax.flatten(adamjax.adam(1e-3))))
     for label, tx in per_leaf:
       params = tree(host_p)
-      runners.append(jax_runner(label + suffix, optimizer_step(tx), params, tx.init(params),
-                                grads_tree, donate))
+      runners.append(
+        jax_runner(label + suffix, optimizer_step(tx), params, tx.init(params), grads_tree, donate)
+      )
     for label, preset, kwargs in FLAT_PRESETS:
       tx = layout.optimizer(getattr(adamjax, preset), 1e-3, **kwargs)
       params = layout.ravel(tree(host_p))
-      runners.append(jax_runner(f"flat {label}" + suffix, optimizer_step(tx), params,
-                                tx.init(params), grads_flat, donate))
+      runners.append(
+        jax_runner(
+          f"flat {label}" + suffix, optimizer_step(tx), params, tx.init(params), grads_flat, donate
+        )
+      )
     # The same with one buffer per dtype (max_buffer_bytes=None): why the default splits.
     one = adamjax.FlatLayout(grads_tree, max_buffer_bytes=None)
     tx = one.optimizer(adamjax.adam, 1e-3)
     params = one.ravel(tree(host_p))
-    runners.append(jax_runner("flat adam, one buffer" + suffix, optimizer_step(tx), params,
-                              tx.init(params), one.ravel(grads_tree), donate))
+    runners.append(
+      jax_runner(
+        "flat adam, one buffer" + suffix,
+        optimizer_step(tx),
+        params,
+        tx.init(params),
+        one.ravel(grads_tree),
+        donate,
+      )
+    )
   return runners
 
 
@@ -263,10 +309,17 @@ def toy_runners(shapes: dict[str, Any]) -> list[Runner]:
   flat = layout.ravel(params)
   tree_params = treedef.unflatten([jnp.asarray(x) for x in host_p])
   return [
-      jax_runner("toy step: tree + optax.adam", tree_step, tree_params,
-                 optax.adam(1e-3).init(tree_params), None, True),
-      jax_runner("toy step: flat (unravel) + adamjax.adam", flat_step, flat,
-                 flat_tx.init(flat), None, True),
+    jax_runner(
+      "toy step: tree + optax.adam",
+      tree_step,
+      tree_params,
+      optax.adam(1e-3).init(tree_params),
+      None,
+      True,
+    ),
+    jax_runner(
+      "toy step: flat (unravel) + adamjax.adam", flat_step, flat, flat_tx.init(flat), None, True
+    ),
   ]
 
 
@@ -278,6 +331,7 @@ def toy_runners(shapes: dict[str, Any]) -> list[Runner]:
 def keras_jax_runners(shapes: list[tuple[int, ...]], donations: tuple[bool, ...]) -> list[Runner]:
   import jax
   import keras
+
   runners = []
   for donate in donations:
     variables = [keras.Variable(x) for x in host_leaves(shapes, "params")]
@@ -288,9 +342,16 @@ def keras_jax_runners(shapes: list[tuple[int, ...]], donations: tuple[bool, ...]
     def apply(trainable, opt_vars, grads, opt=opt):
       return opt.stateless_apply(opt_vars, grads, trainable)
 
-    runners.append(jax_runner(
+    runners.append(
+      jax_runner(
         "keras Adam, JAX backend (stateless_apply)" + ("" if donate else " (no donation)"),
-        apply, [v.value for v in variables], [v.value for v in opt.variables], grads, donate))
+        apply,
+        [v.value for v in variables],
+        [v.value for v in opt.variables],
+        grads,
+        donate,
+      )
+    )
   return runners
 
 
@@ -298,11 +359,12 @@ def keras_tf_runners(shapes: list[tuple[int, ...]], donations: tuple[bool, ...])
   del donations  # Keras updates its variables in place
   import keras
   import tensorflow as tf
+
   variables = [keras.Variable(x) for x in host_leaves(shapes, "params")]
   grads = [tf.constant(x) for x in host_leaves(shapes, "grads")]
   opt = keras.optimizers.Adam(learning_rate=1e-3)
   opt.build(variables)
-  apply = tf.function(lambda grads: opt.apply_gradients(zip(grads, variables)))
+  apply = tf.function(lambda grads: opt.apply_gradients(zip(grads, variables, strict=True)))
 
   def step(_):
     apply(grads)
@@ -310,17 +372,21 @@ def keras_tf_runners(shapes: list[tuple[int, ...]], donations: tuple[bool, ...])
 
   start = time.perf_counter()
   step(None)  # traces the tf.function: Keras's "compile"
-  return [Runner("keras Adam, TF backend (apply_gradients)", None, step, None,
-                 time.perf_counter() - start)]
+  return [
+    Runner(
+      "keras Adam, TF backend (apply_gradients)", None, step, None, time.perf_counter() - start
+    )
+  ]
 
 
 def torch_runners(shapes: list[tuple[int, ...]], donations: tuple[bool, ...]) -> list[Runner]:
   del donations  # PyTorch updates in place
   import torch
+
   runners = []
   for mode in ("foreach", "fused"):
     params = [torch.nn.Parameter(torch.from_numpy(x)) for x in host_leaves(shapes, "params")]
-    for p, g in zip(params, host_leaves(shapes, "grads")):
+    for p, g in zip(params, host_leaves(shapes, "grads"), strict=True):
       p.grad = torch.from_numpy(g)
     opt = torch.optim.Adam(params, lr=1e-3, **{mode: True})
 
@@ -329,13 +395,17 @@ def torch_runners(shapes: list[tuple[int, ...]], donations: tuple[bool, ...]) ->
 
     start = time.perf_counter()
     step(None)  # allocates the state
-    runners.append(Runner(f"torch.optim.Adam {mode}", None, step, None,
-                          time.perf_counter() - start))
+    runners.append(
+      Runner(f"torch.optim.Adam {mode}", None, step, None, time.perf_counter() - start)
+    )
   return runners
 
 
-WORKERS = {"keras-jax": ("jax", keras_jax_runners), "keras-tf": ("tensorflow", keras_tf_runners),
-           "torch": (None, torch_runners)}
+WORKERS = {
+  "keras-jax": ("jax", keras_jax_runners),
+  "keras-tf": ("tensorflow", keras_tf_runners),
+  "torch": (None, torch_runners),
+}
 
 
 def run_worker(kind: str, args: argparse.Namespace) -> None:
@@ -361,17 +431,34 @@ def spawn_worker(kind: str, args: argparse.Namespace) -> list[dict[str, Any]]:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   if backend:
     env["KERAS_BACKEND"] = backend
-  command = [sys.executable, os.path.abspath(__file__), "--worker", kind,
-             "--params", str(args.params), "--configs", ",".join(args.configs),
-             "--mixed-leaves", str(args.mixed_leaves), "--rounds", str(args.rounds),
-             "--slow-rounds", str(args.slow_rounds),
-             "--donations", ",".join(str(d).lower() for d in args.donations)]
+  command = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--worker",
+    kind,
+    "--params",
+    str(args.params),
+    "--configs",
+    ",".join(args.configs),
+    "--mixed-leaves",
+    str(args.mixed_leaves),
+    "--rounds",
+    str(args.rounds),
+    "--slow-rounds",
+    str(args.slow_rounds),
+    "--donations",
+    ",".join(str(d).lower() for d in args.donations),
+  ]
   proc = subprocess.run(command, env=env, capture_output=True, text=True)
-  rows = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
-          if line.startswith("RESULT ")]
+  rows = [
+    json.loads(line[len("RESULT ") :])
+    for line in proc.stdout.splitlines()
+    if line.startswith("RESULT ")
+  ]
   if proc.returncode != 0:
-    print(f"# worker {kind} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
-          file=sys.stderr)
+    print(
+      f"# worker {kind} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr
+    )
   return rows
 
 
@@ -384,9 +471,19 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
   """Ratio to the copy and to optax.adam of the same configuration and donation."""
   for row in rows:
     donated = row["donate"] is not False  # in-place frameworks compare with donated runs
-    base = lambda prefix: next(  # noqa: E731
-        (r["ms"] for r in rows if r["config"] == row["config"]
-         and r["variant"].startswith(prefix) and (r["donate"] is not False) == donated), None)
+
+    def base(prefix, row=row, donated=donated):
+      return next(
+        (
+          r["ms"]
+          for r in rows
+          if r["config"] == row["config"]
+          and r["variant"].startswith(prefix)
+          and (r["donate"] is not False) == donated
+        ),
+        None,
+      )
+
     copy, optax_ms = base("copy (same bytes)"), base("optax.adam")
     row["x_copy"] = row["ms"] / copy if copy else None
     row["x_optax"] = row["ms"] / optax_ms if optax_ms else None
@@ -398,8 +495,10 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def table(rows: list[dict[str, Any]], toy: bool = False) -> str:
-  head = ("| tree | variant | donated | ms/step | GB/s @28B | x copy | x optax.adam | "
-          "compile s | peak MiB | over p+g+state MiB |")
+  head = (
+    "| tree | variant | donated | ms/step | GB/s @28B | x copy | x optax.adam | "
+    "compile s | peak MiB | over p+g+state MiB |"
+  )
   if toy:
     head = "| tree | variant | ms/step | x tree | compile s | peak MiB | over p+g+state MiB |"
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -411,40 +510,55 @@ def table(rows: list[dict[str, Any]], toy: bool = False) -> str:
     donated = {True: "yes", False: "no", None: "in place"}[row["donate"]]
     if toy:
       lines.append(
-          f"| {row['config']} | {row['variant']} | {row['ms']:.2f} | "
-          f"{_fmt(row.get('x_tree'), '.2f')} | {_fmt(row['compile_s'], '.2f')} | "
-          f"{_fmt(mib(row['peak_bytes']), '.0f')} | {_fmt(over, '.1f')} |")
+        f"| {row['config']} | {row['variant']} | {row['ms']:.2f} | "
+        f"{_fmt(row.get('x_tree'), '.2f')} | {_fmt(row['compile_s'], '.2f')} | "
+        f"{_fmt(mib(row['peak_bytes']), '.0f')} | {_fmt(over, '.1f')} |"
+      )
     else:
       lines.append(
-          f"| {row['config']} | {row['variant']} | {donated} | {row['ms']:.2f} | "
-          f"{row['gbps']:.1f} | {_fmt(row['x_copy'], '.2f')} | {_fmt(row['x_optax'], '.2f')} | "
-          f"{_fmt(row['compile_s'], '.2f')} | {_fmt(mib(row['peak_bytes']), '.0f')} | "
-          f"{_fmt(over, '.1f')} |")
+        f"| {row['config']} | {row['variant']} | {donated} | {row['ms']:.2f} | "
+        f"{row['gbps']:.1f} | {_fmt(row['x_copy'], '.2f')} | {_fmt(row['x_optax'], '.2f')} | "
+        f"{_fmt(row['compile_s'], '.2f')} | {_fmt(mib(row['peak_bytes']), '.0f')} | "
+        f"{_fmt(over, '.1f')} |"
+      )
   return "\n".join(lines)
 
 
 def targets(rows: list[dict[str, Any]]) -> str:
   """The issue's targets, checked on this run's numbers (donated runs; flat presets)."""
   out = []
-  flat = [r for r in rows if r["variant"].startswith("flat ") and r["donate"]
-          and "," not in r["variant"] and " fused" not in r["variant"]]  # the presets as is
+  flat = [
+    r
+    for r in rows
+    if r["variant"].startswith("flat ")
+    and r["donate"]
+    and "," not in r["variant"]
+    and " fused" not in r["variant"]
+  ]  # the presets as is
   for config in dict.fromkeys(r["config"] for r in flat):
     mine = [r for r in flat if r["config"] == config]
     worst_copy = max(mine, key=lambda r: r["x_copy"])
     over = [r["variant"][5:] for r in mine if r["x_copy"] > 1.15]
     slower = [r["variant"][5:] for r in mine if r["x_optax"] > 1.0]
-    memcpy = next((r["ms"] for r in rows if r["config"] == config
-                   and r["variant"].startswith("memcpy")), None)
-    vs_memcpy = "" if memcpy is None else (
+    memcpy = next(
+      (r["ms"] for r in rows if r["config"] == config and r["variant"].startswith("memcpy")), None
+    )
+    vs_memcpy = (
+      ""
+      if memcpy is None
+      else (
         f" (of the numpy memcpy: x{min(r['ms'] for r in mine) / memcpy:.2f}–"
-        f"x{max(r['ms'] for r in mine) / memcpy:.2f})")
+        f"x{max(r['ms'] for r in mine) / memcpy:.2f})"
+      )
+    )
     out.append(
-        f"- tree {config}: flat presets at x{min(r['x_copy'] for r in mine):.2f}–"
-        f"x{worst_copy['x_copy']:.2f} of the copy{vs_memcpy} (over 1.15: "
-        f"{', '.join(over) or 'none'}); "
-        f"x{min(r['x_optax'] for r in mine):.2f}–x{max(r['x_optax'] for r in mine):.2f} of "
-        f"optax.adam (slower than optax: {', '.join(slower) or 'none'}); compile "
-        f"{max(r['compile_s'] for r in mine):.2f} s at most")
+      f"- tree {config}: flat presets at x{min(r['x_copy'] for r in mine):.2f}–"
+      f"x{worst_copy['x_copy']:.2f} of the copy{vs_memcpy} (over 1.15: "
+      f"{', '.join(over) or 'none'}); "
+      f"x{min(r['x_optax'] for r in mine):.2f}–x{max(r['x_optax'] for r in mine):.2f} of "
+      f"optax.adam (slower than optax: {', '.join(slower) or 'none'}); compile "
+      f"{max(r['compile_s'] for r in mine):.2f} s at most"
+    )
   by = {(r["config"], r["variant"]): r for r in rows if r["donate"] is not False}
   configs = [c for c in dict.fromkeys(r["config"] for r in rows) if c != "1"]
   for variant in ("flat adam", "flat keras_adam", "optax.adam"):
@@ -452,13 +566,16 @@ def targets(rows: list[dict[str, Any]]) -> str:
     for config in configs:
       other = by.get((config, variant))
       if one and other and config in ("1000", "mixed"):
-        out.append(f"- {variant}, tree {config} vs 1 leaf: x{other['ms'] / one['ms']:.2f} "
-                   f"(compile {other['compile_s']:.2f} s)")
+        out.append(
+          f"- {variant}, tree {config} vs 1 leaf: x{other['ms'] / one['ms']:.2f} "
+          f"(compile {other['compile_s']:.2f} s)"
+        )
   return "\n".join(out)
 
 
 def environment() -> str:
   import importlib.metadata as md
+
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
@@ -477,22 +594,30 @@ def environment() -> str:
       versions.append(f"{package} {md.version(package)}")
     except md.PackageNotFoundError:
       pass
-  return (f"- machine: {cpu}, {os.cpu_count()} CPUs{mem}; {platform.platform()}\n"
-          f"- python {platform.python_version()}; " + ", ".join(versions))
+  return (
+    f"- machine: {cpu}, {os.cpu_count()} CPUs{mem}; {platform.platform()}\n"
+    f"- python {platform.python_version()}; " + ", ".join(versions)
+  )
 
 
-def write_report(path: str, args: argparse.Namespace, rows: list[dict[str, Any]],
-                 toy: list[dict[str, Any]], elapsed: float) -> str:
+def write_report(
+  path: str,
+  args: argparse.Namespace,
+  rows: list[dict[str, Any]],
+  toy: list[dict[str, Any]],
+  elapsed: float,
+) -> str:
   command = "python benchmarks/adam_step.py " + " ".join(sys.argv[1:])
   trees = "; ".join(
-      f"{c}: {len(leaf_shapes(tree_shapes(c, args.params, args.mixed_leaves)))} leaves"
-      for c in args.configs)
+    f"{c}: {len(leaf_shapes(tree_shapes(c, args.params, args.mixed_leaves)))} leaves"
+    for c in args.configs
+  )
   text = f"""# One Adam step on CPU: adamjax (flat buffers), optax, Keras 3, PyTorch, and a copy
 
-- date: {datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+- date: {datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 - command: `{command.strip()}` ({elapsed:.0f} s)
 {environment()}
-- parameters: {rows[0]['nparams'] if rows else 0:,} float32 ({trees}); gradients fixed,
+- parameters: {rows[0]["nparams"] if rows else 0:,} float32 ({trees}); gradients fixed,
   about 1e-3; learning rate 1e-3; median of {args.rounds} interleaved rounds of one step each
   ({args.slow_rounds} for Keras-TF above 100 leaves), after one warm-up step
 - ms/step: wall time of one step, waited for; GB/s: 28 B/param over that time; x copy: over
@@ -538,26 +663,47 @@ def write_report(path: str, args: argparse.Namespace, rows: list[dict[str, Any]]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny smoke configuration (seconds); writes nothing unless --out")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="tiny smoke configuration (seconds); writes nothing unless --out",
+  )
   parser.add_argument("--params", type=int, default=None, help="parameters (default 10M)")
-  parser.add_argument("--configs", default=None,
-                      help="comma-separated trees: leaf counts and/or 'mixed'")
+  parser.add_argument(
+    "--configs", default=None, help="comma-separated trees: leaf counts and/or 'mixed'"
+  )
   parser.add_argument("--mixed-leaves", type=int, default=None)
   parser.add_argument("--rounds", type=int, default=None)
-  parser.add_argument("--slow-rounds", type=int, default=None,
-                      help="rounds for Keras-TF on trees of more than 100 leaves")
+  parser.add_argument(
+    "--slow-rounds",
+    type=int,
+    default=None,
+    help="rounds for Keras-TF on trees of more than 100 leaves",
+  )
   parser.add_argument("--donations", default="true,false")
-  parser.add_argument("--frameworks", default="keras-jax,keras-tf,torch",
-                      help="subprocess workers to run, comma-separated ('' for none)")
+  parser.add_argument(
+    "--frameworks",
+    default="keras-jax,keras-tf,torch",
+    help="subprocess workers to run, comma-separated ('' for none)",
+  )
   parser.add_argument("--no-toy", action="store_true", help="skip the toy training step")
   parser.add_argument("--out", default=None, help=f"report path (default {RESULTS})")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  quick = {"params": 200_000, "configs": "1,10,mixed", "mixed_leaves": 40, "rounds": 3,
-           "slow_rounds": 2}
-  full = {"params": 10_000_000, "configs": "1,10,100,1000,mixed", "mixed_leaves": 1000,
-          "rounds": 15, "slow_rounds": 5}
+  quick = {
+    "params": 200_000,
+    "configs": "1,10,mixed",
+    "mixed_leaves": 40,
+    "rounds": 3,
+    "slow_rounds": 2,
+  }
+  full = {
+    "params": 10_000_000,
+    "configs": "1,10,100,1000,mixed",
+    "mixed_leaves": 1000,
+    "rounds": 15,
+    "slow_rounds": 5,
+  }
   for key, value in (quick if args.quick else full).items():
     if getattr(args, key) is None:
       setattr(args, key, value)
@@ -596,8 +742,11 @@ def main(argv: list[str] | None = None) -> None:
   rows.sort(key=lambda r: (order[r["config"]], r["donate"] is False))
   add_ratios(rows)
   for row in toy:
-    tree_ms = next(r["ms"] for r in toy if r["config"] == row["config"]
-                   and r["variant"].startswith("toy step: tree"))
+    tree_ms = next(
+      r["ms"]
+      for r in toy
+      if r["config"] == row["config"] and r["variant"].startswith("toy step: tree")
+    )
     row["x_tree"] = row["ms"] / tree_ms
   print(write_report(args.out, args, rows, toy, time.perf_counter() - start))
   if args.out:

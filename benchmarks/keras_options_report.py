@@ -20,8 +20,11 @@ from reference_runners import max_abs_diff, max_ulps  # noqa: E402
 
 
 def _cells(ours, ref):
-  pairs = [("params", ours["params"], ref.params), ("m", ours["mu"], ref.m),
-           ("v", ours["nu"], ref.v)]
+  pairs = [
+    ("params", ours["params"], ref.params),
+    ("m", ours["mu"], ref.m),
+    ("v", ours["nu"], ref.v),
+  ]
   if "ema" in ours:
     pairs.append(("avg", ours["ema"], ref.extra["average"]))
   return " ".join(f"{k}={max_ulps(a, b)}({max_abs_diff(a, b):.1e})" for k, a, b in pairs)
@@ -33,8 +36,9 @@ def main():
     rows = []
     if name not in t.NOT_POW2 | t.ACCUMULATING:
       rows.append(("vs Keras-JAX eager", _cells(t._ours(name), t._keras(name, "jax"))))
-    rows.append(("fused vs Keras-JAX jit",
-                 _cells(t._ours(name, fused=True), t._keras(name, "jax", jit=True))))
+    rows.append(
+      ("fused vs Keras-JAX jit", _cells(t._ours(name, fused=True), t._keras(name, "jax", jit=True)))
+    )
     rows.append(("vs Keras-TF", _cells(t._ours(name), t._keras(name, "tensorflow"))))
     for label, cells in rows:
       print(f"{name:28s} {label:24s} {cells}")

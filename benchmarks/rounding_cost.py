@@ -37,11 +37,11 @@ def main():
   size = args.params // args.leaves
   grads = [jax.random.normal(jax.random.key(i), (size,)) * 1e-3 for i in range(args.leaves)]
   candidates = {
-      "keras_adam (TF rounding)": adamjax.keras_adam(),
-      "keras_adam fused_multiply_add": adamjax.keras_adam(fused_multiply_add=True),
-      "tf1_adam (TF rounding)": adamjax.tf1_adam(),
-      "tf1_adam fused_multiply_add": adamjax.tf1_adam(fused_multiply_add=True),
-      "optax.adam": optax.adam(1e-3),
+    "keras_adam (TF rounding)": adamjax.keras_adam(),
+    "keras_adam fused_multiply_add": adamjax.keras_adam(fused_multiply_add=True),
+    "tf1_adam (TF rounding)": adamjax.tf1_adam(),
+    "tf1_adam fused_multiply_add": adamjax.tf1_adam(fused_multiply_add=True),
+    "optax.adam": optax.adam(1e-3),
   }
   runs = {}
   for name, tx in candidates.items():
@@ -59,9 +59,11 @@ def main():
       jax.block_until_ready(params)
       times.append(time.perf_counter() - start)
       run[1], run[2] = params, state
-  print(f"# {platform.processor() or platform.machine()}, jax {jax.__version__}, "
-        f"{jax.devices()[0].device_kind}, {args.params:,} float32 params in {args.leaves} leaves,"
-        f" median of {args.repeats}")
+  print(
+    f"# {platform.processor() or platform.machine()}, jax {jax.__version__}, "
+    f"{jax.devices()[0].device_kind}, {args.params:,} float32 params in {args.leaves} leaves,"
+    f" median of {args.repeats}"
+  )
   medians = {name: statistics.median(run[3]) * 1e3 for name, run in runs.items()}
   for name, ms in medians.items():
     base = medians[name.split(" ")[0] + " fused_multiply_add"] if "TF rounding" in name else ms

@@ -1,6 +1,7 @@
 """Runs any optax transformation over a gradient sequence and records what the tests compare."""
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -8,12 +9,12 @@ import optax
 
 
 def run_optax(
-    tx: optax.GradientTransformation,
-    params: Mapping[str, np.ndarray],
-    grads: Mapping[str, np.ndarray],
-    *,
-    jit: bool = True,
-    fields: tuple[str, ...] = ("mu", "nu"),
+  tx: optax.GradientTransformation,
+  params: Mapping[str, np.ndarray],
+  grads: Mapping[str, np.ndarray],
+  *,
+  jit: bool = True,
+  fields: tuple[str, ...] = ("mu", "nu"),
 ) -> dict[str, dict[str, np.ndarray]]:
   """Applies `tx` for every step of `grads` ([steps, ...] per name) and stacks the results.
 
@@ -47,6 +48,8 @@ def ulps(a: Any, b: Any) -> int:
   """Largest float32 ulp distance between two trees of arrays (after casting to float32)."""
   from reference_runners import ulp_distance
 
-  dists = [int(np.max(ulp_distance(np.asarray(x, np.float32), np.asarray(y, np.float32))))
-           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  dists = [
+    int(np.max(ulp_distance(np.asarray(x, np.float32), np.asarray(y, np.float32))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  ]
   return max(dists)

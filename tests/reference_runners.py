@@ -31,42 +31,42 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = [
-    "Trajectory",
-    "keras_slot_indices",
-    "make_gradient_sequence",
-    "make_params",
-    "max_abs_diff",
-    "max_ulps",
-    "run_keras_jax",
-    "run_keras_tf",
-    "run_tf1_adam",
-    "ulp_distance",
+  "Trajectory",
+  "keras_slot_indices",
+  "make_gradient_sequence",
+  "make_params",
+  "max_abs_diff",
+  "max_ulps",
+  "run_keras_jax",
+  "run_keras_tf",
+  "run_tf1_adam",
+  "ulp_distance",
 ]
 
 WORKER = pathlib.Path(__file__).with_name("keras_tf_worker.py")
 
 
 class Trajectory(NamedTuple):
-    """What a reference optimizer did, recorded after every step.
+  """What a reference optimizer did, recorded after every step.
 
-    Every array has the steps on axis 0 (`[steps, *shape]`), keyed by parameter name, and keeps
-    the parameters' dtype (float32 in the parity tests).
+  Every array has the steps on axis 0 (`[steps, *shape]`), keyed by parameter name, and keeps
+  the parameters' dtype (float32 in the parity tests).
 
-    Attributes:
-      params: the parameters after each step.
-      m: the first moment (Keras `momentum`, TF v1 slot `m`).
-      v: the second moment (Keras `velocity`, TF v1 slot `v`).
-      v_hat: the AMSGrad running maximum (Keras `velocity_hat`); None when not recorded.
-      extra: per-step scalars: `iterations` (int64, Keras runners: the optimizer's counter
-        after the step, so 1..steps), `beta1_power`/`beta2_power` (float32, TF v1 runner: the
-        accumulators after the step, i.e. beta**(t+1) as a running product).
-    """
+  Attributes:
+    params: the parameters after each step.
+    m: the first moment (Keras `momentum`, TF v1 slot `m`).
+    v: the second moment (Keras `velocity`, TF v1 slot `v`).
+    v_hat: the AMSGrad running maximum (Keras `velocity_hat`); None when not recorded.
+    extra: per-step scalars: `iterations` (int64, Keras runners: the optimizer's counter
+      after the step, so 1..steps), `beta1_power`/`beta2_power` (float32, TF v1 runner: the
+      accumulators after the step, i.e. beta**(t+1) as a running product).
+  """
 
-    params: dict[str, np.ndarray]
-    m: dict[str, np.ndarray]
-    v: dict[str, np.ndarray]
-    v_hat: dict[str, np.ndarray] | None
-    extra: dict[str, np.ndarray]
+  params: dict[str, np.ndarray]
+  m: dict[str, np.ndarray]
+  v: dict[str, np.ndarray]
+  v_hat: dict[str, np.ndarray] | None
+  extra: dict[str, np.ndarray]
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,57 +75,57 @@ class Trajectory(NamedTuple):
 
 
 def make_gradient_sequence(
-    shapes: Mapping[str, tuple[int, ...]],
-    steps: int,
-    seed: int,
-    *,
-    low: float = 1e-8,
-    high: float = 1e2,
-    zero_fraction: float = 0.03,
-    quiet_fraction: float = 0.05,
+  shapes: Mapping[str, tuple[int, ...]],
+  steps: int,
+  seed: int,
+  *,
+  low: float = 1e-8,
+  high: float = 1e2,
+  zero_fraction: float = 0.03,
+  quiet_fraction: float = 0.05,
 ) -> dict[str, np.ndarray]:
-    """Random float32 gradients `[steps, *shape]` whose magnitudes span `low .. high`.
+  """Random float32 gradients `[steps, *shape]` whose magnitudes span `low .. high`.
 
-    Every element gets a random sign and a log-uniform magnitude, drawn afresh each step:
-    - half of the elements (chosen per element) draw from the whole range `[low, high]`;
-    - the other half draw from their own band (up to 2 decades wide, somewhere in the range),
-      so some elements only ever see gradients of 1e-8 .. 1e-6 and their `sqrt(v)` stays near
-      eps (1e-7 for Keras, 1e-8 for TF v1): that is where the eps formulations differ;
-    - on `quiet_fraction` of the steps every gradient is drawn from `[low, 100 * low]`;
-    - `zero_fraction` of the entries are exact zeros.
+  Every element gets a random sign and a log-uniform magnitude, drawn afresh each step:
+  - half of the elements (chosen per element) draw from the whole range `[low, high]`;
+  - the other half draw from their own band (up to 2 decades wide, somewhere in the range),
+    so some elements only ever see gradients of 1e-8 .. 1e-6 and their `sqrt(v)` stays near
+    eps (1e-7 for Keras, 1e-8 for TF v1): that is where the eps formulations differ;
+  - on `quiet_fraction` of the steps every gradient is drawn from `[low, 100 * low]`;
+  - `zero_fraction` of the entries are exact zeros.
 
-    Keys are processed in sorted order, so the result depends only on `shapes`, `steps` and
-    `seed`, not on dict order.
-    """
-    rng = np.random.default_rng(seed)
-    lo, hi = np.log10(low), np.log10(high)
-    quiet = rng.random(steps) < quiet_fraction
-    out = {}
-    for name in sorted(shapes):
-        shape = tuple(shapes[name])
-        size = int(np.prod(shape, dtype=np.int64))
-        banded = rng.random(size) < 0.5
-        centre = rng.uniform(lo, hi, size)
-        half_width = rng.uniform(0.0, 1.0, size)
-        e_lo = np.where(banded, np.clip(centre - half_width, lo, hi), lo)
-        e_hi = np.where(banded, np.clip(centre + half_width, lo, hi), hi)
-        u = rng.random((steps, size))
-        exponent = np.where(quiet[:, None], lo + 2.0 * u, e_lo + u * (e_hi - e_lo))
-        sign = np.where(rng.random((steps, size)) < 0.5, -1.0, 1.0)
-        g = sign * 10.0**exponent
-        g[rng.random((steps, size)) < zero_fraction] = 0.0
-        out[name] = g.astype(np.float32).reshape((steps, *shape))
-    return out
+  Keys are processed in sorted order, so the result depends only on `shapes`, `steps` and
+  `seed`, not on dict order.
+  """
+  rng = np.random.default_rng(seed)
+  lo, hi = np.log10(low), np.log10(high)
+  quiet = rng.random(steps) < quiet_fraction
+  out = {}
+  for name in sorted(shapes):
+    shape = tuple(shapes[name])
+    size = int(np.prod(shape, dtype=np.int64))
+    banded = rng.random(size) < 0.5
+    centre = rng.uniform(lo, hi, size)
+    half_width = rng.uniform(0.0, 1.0, size)
+    e_lo = np.where(banded, np.clip(centre - half_width, lo, hi), lo)
+    e_hi = np.where(banded, np.clip(centre + half_width, lo, hi), hi)
+    u = rng.random((steps, size))
+    exponent = np.where(quiet[:, None], lo + 2.0 * u, e_lo + u * (e_hi - e_lo))
+    sign = np.where(rng.random((steps, size)) < 0.5, -1.0, 1.0)
+    g = sign * 10.0**exponent
+    g[rng.random((steps, size)) < zero_fraction] = 0.0
+    out[name] = g.astype(np.float32).reshape((steps, *shape))
+  return out
 
 
 def make_params(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
-    """Standard-normal float32 parameters for `shapes` (keys in sorted order)."""
-    # A different stream from make_gradient_sequence(seed=seed).
-    rng = np.random.default_rng([seed, 0x9A7A])
-    return {
-        name: np.asarray(rng.standard_normal(tuple(shapes[name])), dtype=np.float32)
-        for name in sorted(shapes)
-    }
+  """Standard-normal float32 parameters for `shapes` (keys in sorted order)."""
+  # A different stream from make_gradient_sequence(seed=seed).
+  rng = np.random.default_rng([seed, 0x9A7A])
+  return {
+    name: np.asarray(rng.standard_normal(tuple(shapes[name])), dtype=np.float32)
+    for name in sorted(shapes)
+  }
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,59 +136,64 @@ _INT_FOR_FLOAT = {"float16": np.int16, "bfloat16": np.int16, "float32": np.int32
 
 
 def _ordered_bits(x: np.ndarray) -> np.ndarray:
-    """Map floats to int64 so that consecutive floats are consecutive integers (+0 = -0 = 0)."""
-    itype = _INT_FOR_FLOAT[x.dtype.name]
-    bits = np.ascontiguousarray(x).view(itype).astype(np.int64)
-    magnitude = bits & (2 ** (8 * x.dtype.itemsize - 1) - 1)
-    return np.where(bits < 0, -magnitude, magnitude)
+  """Map floats to int64 so that consecutive floats are consecutive integers (+0 = -0 = 0)."""
+  itype = _INT_FOR_FLOAT[x.dtype.name]
+  bits = np.ascontiguousarray(x).view(itype).astype(np.int64)
+  magnitude = bits & (2 ** (8 * x.dtype.itemsize - 1) - 1)
+  return np.where(bits < 0, -magnitude, magnitude)
 
 
 def ulp_distance(a: Any, b: Any) -> np.ndarray:
-    """Elementwise distance in units in the last place between two float arrays.
+  """Elementwise distance in units in the last place between two float arrays.
 
-    The number of representable values between `a` and `b` (float32, float16 or bfloat16,
-    both the same dtype), counted across zero and across signs: 0 for identical values (and for
-    +0 vs -0), 1 for `np.nextafter` neighbours, 2 between the smallest positive and negative
-    subnormals. Two NaNs are 0 apart; a NaN and a non-NaN are `np.iinfo(np.int64).max` apart.
-    Infinities sit one past the largest finite value.
+  The number of representable values between `a` and `b` (float32, float16 or bfloat16,
+  both the same dtype), counted across zero and across signs: 0 for identical values (and for
+  +0 vs -0), 1 for `np.nextafter` neighbours, 2 between the smallest positive and negative
+  subnormals. Two NaNs are 0 apart; a NaN and a non-NaN are `np.iinfo(np.int64).max` apart.
+  Infinities sit one past the largest finite value.
 
-    Returns:
-      int64 array of the broadcast shape.
-    """
-    a = np.asarray(a)
-    b = np.asarray(b)
-    if a.dtype != b.dtype:
-        raise TypeError(f"ulp_distance needs equal dtypes, got {a.dtype} and {b.dtype}")
-    if a.dtype.name not in _INT_FOR_FLOAT:
-        raise TypeError(f"ulp_distance supports {sorted(_INT_FOR_FLOAT)}, got {a.dtype}")
-    a, b = np.broadcast_arrays(a, b)
-    dist = np.abs(_ordered_bits(a) - _ordered_bits(b))
-    a_nan = np.isnan(a.astype(np.float32))
-    b_nan = np.isnan(b.astype(np.float32))
-    dist = np.where(a_nan & b_nan, 0, dist)
-    return np.where(a_nan ^ b_nan, np.iinfo(np.int64).max, dist).astype(np.int64)
+  Returns:
+    int64 array of the broadcast shape.
+  """
+  a = np.asarray(a)
+  b = np.asarray(b)
+  if a.dtype != b.dtype:
+    raise TypeError(f"ulp_distance needs equal dtypes, got {a.dtype} and {b.dtype}")
+  if a.dtype.name not in _INT_FOR_FLOAT:
+    raise TypeError(f"ulp_distance supports {sorted(_INT_FOR_FLOAT)}, got {a.dtype}")
+  a, b = np.broadcast_arrays(a, b)
+  dist = np.abs(_ordered_bits(a) - _ordered_bits(b))
+  a_nan = np.isnan(a.astype(np.float32))
+  b_nan = np.isnan(b.astype(np.float32))
+  dist = np.where(a_nan & b_nan, 0, dist)
+  return np.where(a_nan ^ b_nan, np.iinfo(np.int64).max, dist).astype(np.int64)
 
 
 def _check_same_keys(a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
-    if set(a) != set(b):
-        raise KeyError(f"different keys: only in first {set(a) - set(b)}, "
-                       f"only in second {set(b) - set(a)}")
+  if set(a) != set(b):
+    raise KeyError(
+      f"different keys: only in first {set(a) - set(b)}, only in second {set(b) - set(a)}"
+    )
 
 
 def max_ulps(a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
-    """Largest `ulp_distance` over all elements of all arrays of two dicts with the same keys."""
-    _check_same_keys(a, b)
-    return max((int(ulp_distance(a[k], b[k]).max(initial=0)) for k in a), default=0)
+  """Largest `ulp_distance` over all elements of all arrays of two dicts with the same keys."""
+  _check_same_keys(a, b)
+  return max((int(ulp_distance(a[k], b[k]).max(initial=0)) for k in a), default=0)
 
 
 def max_abs_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
-    """Largest absolute difference (in float64) over two dicts of arrays with the same keys."""
-    _check_same_keys(a, b)
-    return max(
-        (float(np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)),
-                      initial=0.0)) for k in a),
-        default=0.0,
-    )
+  """Largest absolute difference (in float64) over two dicts of arrays with the same keys."""
+  _check_same_keys(a, b)
+  return max(
+    (
+      float(
+        np.max(np.abs(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64)), initial=0.0)
+      )
+      for k in a
+    ),
+    default=0.0,
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,193 +202,208 @@ def max_abs_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
 
 
 def _num_steps(names: list[str], params: Mapping[str, Any], grads: Mapping[str, Any]) -> int:
-    """Check `grads[k]` is `[steps, *params[k].shape]` for every key, and return `steps`."""
-    _check_same_keys(params, grads)
-    if not names:
-        raise ValueError("no parameters given")
-    for n in names:
-        if np.ndim(grads[n]) == 0 or np.shape(grads[n])[1:] != np.shape(params[n]):
-            raise ValueError(f"grads[{n!r}] has shape {np.shape(grads[n])}, expected "
-                             f"[steps, *{np.shape(params[n])}]")
-    steps = {np.shape(grads[n])[0] for n in names}
-    if len(steps) != 1 or steps == {0}:
-        raise ValueError(f"gradients need the same number (>= 1) of steps, got {steps}")
-    return steps.pop()
+  """Check `grads[k]` is `[steps, *params[k].shape]` for every key, and return `steps`."""
+  _check_same_keys(params, grads)
+  if not names:
+    raise ValueError("no parameters given")
+  for n in names:
+    if np.ndim(grads[n]) == 0 or np.shape(grads[n])[1:] != np.shape(params[n]):
+      raise ValueError(
+        f"grads[{n!r}] has shape {np.shape(grads[n])}, expected [steps, *{np.shape(params[n])}]"
+      )
+  steps = {np.shape(grads[n])[0] for n in names}
+  if len(steps) != 1 or steps == {0}:
+    raise ValueError(f"gradients need the same number (>= 1) of steps, got {steps}")
+  return steps.pop()
 
 
 def _variable_name(i: int) -> str:
-    # Parameter keys may contain "/" (which keras.Variable names may not) or collide once
-    # sanitised ("a/b" vs "a_b"); index names cannot.
-    return f"p{i}"
+  # Parameter keys may contain "/" (which keras.Variable names may not) or collide once
+  # sanitised ("a/b" vs "a_b"); index names cannot.
+  return f"p{i}"
 
 
 def keras_slot_indices(optimizer: Any, variables: list, slots: list[str]) -> dict[str, list[int]]:
-    """Positions in `optimizer.variables` of each slot of each variable, found by name.
+  """Positions in `optimizer.variables` of each slot of each variable, found by name.
 
-    Keras names a slot `f"{variable.path.replace('/', '_')}_{slot}"` (Keras 3
-    `BaseOptimizer.add_variable_from_reference`); this looks each expected name up among
-    `optimizer.variables` and insists on exactly one match, so an ordering change in Keras
-    cannot silently pair a slot with the wrong parameter. Also returns `"iteration"`.
-    """
-    positions: dict[str, list[int]] = {}
-    for i, ov in enumerate(optimizer.variables):
-        positions.setdefault(ov.name, []).append(i)
+  Keras names a slot `f"{variable.path.replace('/', '_')}_{slot}"` (Keras 3
+  `BaseOptimizer.add_variable_from_reference`); this looks each expected name up among
+  `optimizer.variables` and insists on exactly one match, so an ordering change in Keras
+  cannot silently pair a slot with the wrong parameter. Also returns `"iteration"`.
+  """
+  positions: dict[str, list[int]] = {}
+  for i, ov in enumerate(optimizer.variables):
+    positions.setdefault(ov.name, []).append(i)
 
-    def find(name: str) -> int:
-        found = positions.get(name, [])
-        if len(found) != 1:
-            raise LookupError(
-                f"expected exactly one optimizer variable named {name!r}, found {len(found)} "
-                f"among {[ov.path for ov in optimizer.variables]}")
-        return found[0]
+  def find(name: str) -> int:
+    found = positions.get(name, [])
+    if len(found) != 1:
+      raise LookupError(
+        f"expected exactly one optimizer variable named {name!r}, found {len(found)} "
+        f"among {[ov.path for ov in optimizer.variables]}"
+      )
+    return found[0]
 
-    out = {"iteration": [find("iteration")]}
-    for slot in slots:
-        out[slot] = [find(f"{var.path.replace('/', '_')}_{slot}") for var in variables]
-    return out
+  out = {"iteration": [find("iteration")]}
+  for slot in slots:
+    out[slot] = [find(f"{var.path.replace('/', '_')}_{slot}") for var in variables]
+  return out
 
 
 def _keras_slots(config: Mapping[str, Any]) -> list[str]:
-    slots = ["momentum", "velocity"] + (["velocity_hat"] if config.get("amsgrad") else [])
-    if config.get("use_ema"):
-        slots.append("average")
-    return slots
+  slots = ["momentum", "velocity"] + (["velocity_hat"] if config.get("amsgrad") else [])
+  if config.get("use_ema"):
+    slots.append("average")
+  return slots
 
 
-def make_keras_optimizer(keras: Any, config: Mapping[str, Any], variables: list,
-                         names: list[str]) -> Any:
-    """Builds `keras.optimizers.Adam` from a JSON-able `config` over `variables`.
+def make_keras_optimizer(
+  keras: Any, config: Mapping[str, Any], variables: list, names: list[str]
+) -> Any:
+  """Builds `keras.optimizers.Adam` from a JSON-able `config` over `variables`.
 
-    Besides Adam's own keyword arguments, `config` may hold:
-    - `"learning_rate": {"schedule": <keras.optimizers.schedules.serialize(...) dict>}`;
-    - `"_exclude_params": [name, ...]`: passed to `exclude_from_weight_decay(var_list=...)`
-      before the optimizer is built.
-    """
-    config = dict(config)
-    exclude = config.pop("_exclude_params", None)
-    lr = config.get("learning_rate")
-    if isinstance(lr, dict) and "schedule" in lr:
-        config["learning_rate"] = keras.optimizers.schedules.deserialize(lr["schedule"])
-    optimizer = keras.optimizers.Adam(**config)
-    if exclude:
-        optimizer.exclude_from_weight_decay(
-            var_list=[v for v, n in zip(variables, names) if n in exclude])
-    optimizer.build(variables)
-    return optimizer
+  Besides Adam's own keyword arguments, `config` may hold:
+  - `"learning_rate": {"schedule": <keras.optimizers.schedules.serialize(...) dict>}`;
+  - `"_exclude_params": [name, ...]`: passed to `exclude_from_weight_decay(var_list=...)`
+    before the optimizer is built.
+  """
+  config = dict(config)
+  exclude = config.pop("_exclude_params", None)
+  lr = config.get("learning_rate")
+  if isinstance(lr, dict) and "schedule" in lr:
+    config["learning_rate"] = keras.optimizers.schedules.deserialize(lr["schedule"])
+  optimizer = keras.optimizers.Adam(**config)
+  if exclude:
+    optimizer.exclude_from_weight_decay(
+      var_list=[v for v, n in zip(variables, names, strict=True) if n in exclude]
+    )
+  optimizer.build(variables)
+  return optimizer
 
 
 def _trajectory_from_slots(
-    names: list[str], params: list, slots: dict[str, list], iterations: Any
+  names: list[str], params: list, slots: dict[str, list], iterations: Any
 ) -> Trajectory:
-    """Assemble a Trajectory from per-variable stacked arrays (`[steps, *shape]`)."""
+  """Assemble a Trajectory from per-variable stacked arrays (`[steps, *shape]`)."""
 
-    def by_name(arrays: list) -> dict[str, np.ndarray]:
-        return {n: np.asarray(a) for n, a in zip(names, arrays)}
+  def by_name(arrays: list) -> dict[str, np.ndarray]:
+    return {n: np.asarray(a) for n, a in zip(names, arrays, strict=True)}
 
-    return Trajectory(
-        params=by_name(params),
-        m=by_name(slots["momentum"]),
-        v=by_name(slots["velocity"]),
-        v_hat=by_name(slots["velocity_hat"]) if "velocity_hat" in slots else None,
-        extra={"iterations": np.asarray(iterations, dtype=np.int64)}
-        | ({"average": by_name(slots["average"])} if "average" in slots else {}),
-    )
+  return Trajectory(
+    params=by_name(params),
+    m=by_name(slots["momentum"]),
+    v=by_name(slots["velocity"]),
+    v_hat=by_name(slots["velocity_hat"]) if "velocity_hat" in slots else None,
+    extra={"iterations": np.asarray(iterations, dtype=np.int64)}
+    | ({"average": by_name(slots["average"])} if "average" in slots else {}),
+  )
 
 
 def run_keras_jax(
-    params: Mapping[str, np.ndarray],
-    grads: Mapping[str, np.ndarray],
-    config: Mapping[str, Any],
-    jit: bool,
+  params: Mapping[str, np.ndarray],
+  grads: Mapping[str, np.ndarray],
+  config: Mapping[str, Any],
+  jit: bool,
 ) -> Trajectory:
-    """Keras 3 `keras.optimizers.Adam(**config)` on the JAX backend, one `stateless_apply` a step.
+  """Keras 3 `keras.optimizers.Adam(**config)` on the JAX backend, one `stateless_apply` a step.
 
-    Variables are created from `params` in sorted-key order. With `jit=True` the step
-    (`stateless_apply`) is wrapped in `jax.jit` and called once per step, as a user's jitted
-    train step would; with `jit=False` it runs op by op.
+  Variables are created from `params` in sorted-key order. With `jit=True` the step
+  (`stateless_apply`) is wrapped in `jax.jit` and called once per step, as a user's jitted
+  train step would; with `jit=False` it runs op by op.
 
-    The process must have chosen the JAX backend (`KERAS_BACKEND=jax`) before importing Keras.
-    """
-    import jax
-    import jax.numpy as jnp
-    import keras
+  The process must have chosen the JAX backend (`KERAS_BACKEND=jax`) before importing Keras.
+  """
+  import jax
+  import jax.numpy as jnp
+  import keras
 
-    if keras.backend.backend() != "jax":
-        raise RuntimeError(
-            f"run_keras_jax needs Keras on the JAX backend but it is running on "
-            f"{keras.backend.backend()!r}: set os.environ['KERAS_BACKEND'] = 'jax' before the "
-            f"first `import keras` in this process")
-    names = sorted(params)
-    steps = _num_steps(names, params, grads)
-    variables = [keras.Variable(np.asarray(params[n]), name=_variable_name(i))
-                 for i, n in enumerate(names)]
-    optimizer = make_keras_optimizer(keras, config, variables, names)
-    slots = _keras_slots(config)
-    index = keras_slot_indices(optimizer, variables, slots)
+  if keras.backend.backend() != "jax":
+    raise RuntimeError(
+      f"run_keras_jax needs Keras on the JAX backend but it is running on "
+      f"{keras.backend.backend()!r}: set os.environ['KERAS_BACKEND'] = 'jax' before the "
+      f"first `import keras` in this process"
+    )
+  names = sorted(params)
+  steps = _num_steps(names, params, grads)
+  variables = [
+    keras.Variable(np.asarray(params[n]), name=_variable_name(i)) for i, n in enumerate(names)
+  ]
+  optimizer = make_keras_optimizer(keras, config, variables, names)
+  slots = _keras_slots(config)
+  index = keras_slot_indices(optimizer, variables, slots)
 
-    def step(opt_values, grad_values, param_values):
-        new_params, new_opt = optimizer.stateless_apply(opt_values, grad_values, param_values)
-        return list(new_params), list(new_opt)
+  def step(opt_values, grad_values, param_values):
+    new_params, new_opt = optimizer.stateless_apply(opt_values, grad_values, param_values)
+    return list(new_params), list(new_opt)
 
-    if jit:
-        step = jax.jit(step)
-    grads_dev = [jnp.asarray(grads[n]) for n in names]
-    param_values = [v.value for v in variables]
-    opt_values = [v.value for v in optimizer.variables]
-    history = []
-    for t in range(steps):
-        param_values, opt_values = step(opt_values, [g[t] for g in grads_dev], param_values)
-        history.append((param_values, opt_values))
+  if jit:
+    step = jax.jit(step)
+  grads_dev = [jnp.asarray(grads[n]) for n in names]
+  param_values = [v.value for v in variables]
+  opt_values = [v.value for v in optimizer.variables]
+  history = []
+  for t in range(steps):
+    param_values, opt_values = step(opt_values, [g[t] for g in grads_dev], param_values)
+    history.append((param_values, opt_values))
 
-    # np.stack on host copies: jnp.stack of 1000 arrays would compile a 1000-operand concat.
-    def stack(get) -> list:
-        return [np.stack([np.asarray(get(h, j)) for h in history]) for j in range(len(names))]
+  # np.stack on host copies: jnp.stack of 1000 arrays would compile a 1000-operand concat.
+  def stack(get) -> list:
+    return [np.stack([np.asarray(get(h, j)) for h in history]) for j in range(len(names))]
 
-    stacked_params = stack(lambda h, j: h[0][j])
-    stacked_slots = {s: stack(lambda h, j, s=s: h[1][index[s][j]]) for s in slots}
-    iterations = np.array([np.asarray(h[1][index["iteration"][0]]) for h in history])
-    return _trajectory_from_slots(names, stacked_params, stacked_slots, iterations)
+  stacked_params = stack(lambda h, j: h[0][j])
+  stacked_slots = {s: stack(lambda h, j, s=s: h[1][index[s][j]]) for s in slots}
+  iterations = np.array([np.asarray(h[1][index["iteration"][0]]) for h in history])
+  return _trajectory_from_slots(names, stacked_params, stacked_slots, iterations)
 
 
 def run_keras_tf(
-    params: Mapping[str, np.ndarray],
-    grads: Mapping[str, np.ndarray],
-    config: Mapping[str, Any],
-    *,
-    timeout: float = 600.0,
+  params: Mapping[str, np.ndarray],
+  grads: Mapping[str, np.ndarray],
+  config: Mapping[str, Any],
+  *,
+  timeout: float = 600.0,
 ) -> Trajectory:
-    """Keras 3 `keras.optimizers.Adam(**config)` on the TensorFlow backend, eager.
+  """Keras 3 `keras.optimizers.Adam(**config)` on the TensorFlow backend, eager.
 
-    Runs `keras_tf_worker.py` in a subprocess with `KERAS_BACKEND=tensorflow` (a process holds
-    one Keras backend), which calls `optimizer.apply_gradients` once per step outside any
-    `tf.function`. `config` must be JSON-serialisable (floats and bools; no schedules).
-    """
-    names = sorted(params)
-    _num_steps(names, params, grads)
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    with tempfile.TemporaryDirectory(prefix="keras_tf_") as tmp:
-        tmp = pathlib.Path(tmp)
-        inputs, cfg, output = tmp / "inputs.npz", tmp / "config.json", tmp / "trajectory.npz"
-        np.savez(inputs, **{f"param_{i}": np.asarray(params[n]) for i, n in enumerate(names)},
-                 **{f"grad_{i}": np.asarray(grads[n]) for i, n in enumerate(names)})
-        cfg.write_text(json.dumps({"config": dict(config), "num_variables": len(names),
-                                   "names": names}))
-        proc = subprocess.run(
-            [sys.executable, str(WORKER), str(inputs), str(cfg), str(output)],
-            env=env, capture_output=True, text=True, timeout=timeout, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"keras_tf_worker.py failed with exit code {proc.returncode}; stderr:\n"
-                f"{proc.stderr}")
-        with np.load(output) as out:
-            data = {k: out[k] for k in out.files}
-    slots = _keras_slots(config)
-    return _trajectory_from_slots(
-        names,
-        [data[f"params_{i}"] for i in range(len(names))],
-        {s: [data[f"{s}_{i}"] for i in range(len(names))] for s in slots},
-        data["iterations"],
+  Runs `keras_tf_worker.py` in a subprocess with `KERAS_BACKEND=tensorflow` (a process holds
+  one Keras backend), which calls `optimizer.apply_gradients` once per step outside any
+  `tf.function`. `config` must be JSON-serialisable (floats and bools; no schedules).
+  """
+  names = sorted(params)
+  _num_steps(names, params, grads)
+  env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+  with tempfile.TemporaryDirectory(prefix="keras_tf_") as tmp:
+    tmp = pathlib.Path(tmp)
+    inputs, cfg, output = tmp / "inputs.npz", tmp / "config.json", tmp / "trajectory.npz"
+    np.savez(
+      inputs,
+      **{f"param_{i}": np.asarray(params[n]) for i, n in enumerate(names)},
+      **{f"grad_{i}": np.asarray(grads[n]) for i, n in enumerate(names)},
     )
+    cfg.write_text(
+      json.dumps({"config": dict(config), "num_variables": len(names), "names": names})
+    )
+    proc = subprocess.run(
+      [sys.executable, str(WORKER), str(inputs), str(cfg), str(output)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+    )
+    if proc.returncode != 0:
+      raise RuntimeError(
+        f"keras_tf_worker.py failed with exit code {proc.returncode}; stderr:\n{proc.stderr}"
+      )
+    with np.load(output) as out:
+      data = {k: out[k] for k in out.files}
+  slots = _keras_slots(config)
+  return _trajectory_from_slots(
+    names,
+    [data[f"params_{i}"] for i in range(len(names))],
+    {s: [data[f"{s}_{i}"] for i in range(len(names))] for s in slots},
+    data["iterations"],
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,52 +412,54 @@ def run_keras_tf(
 
 
 def run_tf1_adam(
-    params: Mapping[str, np.ndarray],
-    grads: Mapping[str, np.ndarray],
-    learning_rate: float = 0.001,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    epsilon: float = 1e-8,
+  params: Mapping[str, np.ndarray],
+  grads: Mapping[str, np.ndarray],
+  learning_rate: float = 0.001,
+  beta1: float = 0.9,
+  beta2: float = 0.999,
+  epsilon: float = 1e-8,
 ) -> Trajectory:
-    """`tf.compat.v1.train.AdamOptimizer` in eager mode on resource variables.
+  """`tf.compat.v1.train.AdamOptimizer` in eager mode on resource variables.
 
-    One `apply_gradients` a step (the dense `ResourceApplyAdam` kernel, then the shared
-    `beta1_power *= beta1`, `beta2_power *= beta2` in float32). Records the `m` and `v` slots
-    and, in `extra`, the beta-power accumulators after each step.
-    """
-    import tensorflow as tf
+  One `apply_gradients` a step (the dense `ResourceApplyAdam` kernel, then the shared
+  `beta1_power *= beta1`, `beta2_power *= beta2` in float32). Records the `m` and `v` slots
+  and, in `extra`, the beta-power accumulators after each step.
+  """
+  import tensorflow as tf
 
-    names = sorted(params)
-    steps = _num_steps(names, params, grads)
-    variables = [tf.Variable(np.asarray(params[n]), name=_variable_name(i))
-                 for i, n in enumerate(names)]
-    optimizer = tf.compat.v1.train.AdamOptimizer(
-        learning_rate=learning_rate, beta1=beta1, beta2=beta2, epsilon=epsilon)
-    grads_tf = [tf.constant(np.asarray(grads[n])) for n in names]
-    rec: dict[str, list] = {"params": [], "m": [], "v": [], "b1p": [], "b2p": []}
-    for t in range(steps):
-        optimizer.apply_gradients([(g[t], var) for g, var in zip(grads_tf, variables)])
-        if t == 0:
-            m_slots = [optimizer.get_slot(var, "m") for var in variables]
-            v_slots = [optimizer.get_slot(var, "v") for var in variables]
-            beta1_power, beta2_power = optimizer._get_beta_accumulators()
-        # read_value() copies, so later in-place kernel updates do not alias the record.
-        rec["params"].append([var.read_value() for var in variables])
-        rec["m"].append([s.read_value() for s in m_slots])
-        rec["v"].append([s.read_value() for s in v_slots])
-        rec["b1p"].append(beta1_power.read_value())
-        rec["b2p"].append(beta2_power.read_value())
+  names = sorted(params)
+  steps = _num_steps(names, params, grads)
+  variables = [
+    tf.Variable(np.asarray(params[n]), name=_variable_name(i)) for i, n in enumerate(names)
+  ]
+  optimizer = tf.compat.v1.train.AdamOptimizer(
+    learning_rate=learning_rate, beta1=beta1, beta2=beta2, epsilon=epsilon
+  )
+  grads_tf = [tf.constant(np.asarray(grads[n])) for n in names]
+  rec: dict[str, list] = {"params": [], "m": [], "v": [], "b1p": [], "b2p": []}
+  for t in range(steps):
+    optimizer.apply_gradients([(g[t], var) for g, var in zip(grads_tf, variables, strict=True)])
+    if t == 0:
+      m_slots = [optimizer.get_slot(var, "m") for var in variables]
+      v_slots = [optimizer.get_slot(var, "v") for var in variables]
+      beta1_power, beta2_power = optimizer._get_beta_accumulators()
+    # read_value() copies, so later in-place kernel updates do not alias the record.
+    rec["params"].append([var.read_value() for var in variables])
+    rec["m"].append([s.read_value() for s in m_slots])
+    rec["v"].append([s.read_value() for s in v_slots])
+    rec["b1p"].append(beta1_power.read_value())
+    rec["b2p"].append(beta2_power.read_value())
 
-    def stack(key: str) -> dict[str, np.ndarray]:
-        return {n: tf.stack([r[j] for r in rec[key]]).numpy() for j, n in enumerate(names)}
+  def stack(key: str) -> dict[str, np.ndarray]:
+    return {n: tf.stack([r[j] for r in rec[key]]).numpy() for j, n in enumerate(names)}
 
-    return Trajectory(
-        params=stack("params"),
-        m=stack("m"),
-        v=stack("v"),
-        v_hat=None,
-        extra={
-            "beta1_power": np.asarray(tf.stack(rec["b1p"]).numpy(), np.float32),
-            "beta2_power": np.asarray(tf.stack(rec["b2p"]).numpy(), np.float32),
-        },
-    )
+  return Trajectory(
+    params=stack("params"),
+    m=stack("m"),
+    v=stack("v"),
+    v_hat=None,
+    extra={
+      "beta1_power": np.asarray(tf.stack(rec["b1p"]).numpy(), np.float32),
+      "beta2_power": np.asarray(tf.stack(rec["b2p"]).numpy(), np.float32),
+    },
+  )

@@ -16,31 +16,29 @@ import adamjax
 # name -> factory(learning_rate) for every public transformation (scale_by_* are finished into
 # a descent step the way users compose them).
 TRANSFORMS = {
-    "adam": lambda lr: adamjax.adam(lr),
-    "adam_nesterov": lambda lr: adamjax.adam(lr, nesterov=True),
-    "adam_mu_bf16": lambda lr: adamjax.adam(lr, mu_dtype=jnp.bfloat16),
-    "keras_adam": lambda lr: adamjax.keras_adam(lr),
-    "keras_adam_amsgrad": lambda lr: adamjax.keras_adam(lr, amsgrad=True),
-    "keras_adam_fma": lambda lr: adamjax.keras_adam(lr, fused_multiply_add=True),
-    "tf1_adam": lambda lr: adamjax.tf1_adam(lr),
-    "adamw": lambda lr: adamjax.adamw(lr, weight_decay=1e-4),
-    "keras_adamw": lambda lr: adamjax.keras_adamw(lr, weight_decay=1e-4),
-    "keras_adam_all_options": lambda lr: adamjax.keras_adam(
-        lr, amsgrad=True, weight_decay=1e-4, global_clipnorm=100.0, use_ema=True,
-        loss_scale_factor=2.0),  # (accumulation changes when a step happens: test_keras_options)
-    "torch_adam": lambda lr: adamjax.torch_adam(lr),
-    "torch_adamw": lambda lr: adamjax.torch_adamw(lr, weight_decay=1e-4),
-    "scale_by_adam": lambda lr: optax.chain(adamjax.scale_by_adam(), optax.scale(-lr)),
-    "scale_by_keras_adam": lambda lr: optax.chain(
-        adamjax.scale_by_keras_adam(lr), optax.scale(-1.0)),
-    "scale_by_tf1_adam": lambda lr: optax.chain(
-        adamjax.scale_by_tf1_adam(lr), optax.scale(-1.0)),
+  "adam": lambda lr: adamjax.adam(lr),
+  "adam_nesterov": lambda lr: adamjax.adam(lr, nesterov=True),
+  "adam_mu_bf16": lambda lr: adamjax.adam(lr, mu_dtype=jnp.bfloat16),
+  "keras_adam": lambda lr: adamjax.keras_adam(lr),
+  "keras_adam_amsgrad": lambda lr: adamjax.keras_adam(lr, amsgrad=True),
+  "keras_adam_fma": lambda lr: adamjax.keras_adam(lr, fused_multiply_add=True),
+  "tf1_adam": lambda lr: adamjax.tf1_adam(lr),
+  "adamw": lambda lr: adamjax.adamw(lr, weight_decay=1e-4),
+  "keras_adamw": lambda lr: adamjax.keras_adamw(lr, weight_decay=1e-4),
+  "keras_adam_all_options": lambda lr: adamjax.keras_adam(
+    lr, amsgrad=True, weight_decay=1e-4, global_clipnorm=100.0, use_ema=True, loss_scale_factor=2.0
+  ),  # (accumulation changes when a step happens: test_keras_options)
+  "torch_adam": lambda lr: adamjax.torch_adam(lr),
+  "torch_adamw": lambda lr: adamjax.torch_adamw(lr, weight_decay=1e-4),
+  "scale_by_adam": lambda lr: optax.chain(adamjax.scale_by_adam(), optax.scale(-lr)),
+  "scale_by_keras_adam": lambda lr: optax.chain(adamjax.scale_by_keras_adam(lr), optax.scale(-1.0)),
+  "scale_by_tf1_adam": lambda lr: optax.chain(adamjax.scale_by_tf1_adam(lr), optax.scale(-1.0)),
 }
 # The factories whose hyperparameters `optax.inject_hyperparams` can take directly.
 FACTORIES = {
-    "adam": (adamjax.adam, "learning_rate", {"b1": 0.9, "b2": 0.999}),
-    "keras_adam": (adamjax.keras_adam, "learning_rate", {"beta_1": 0.9, "beta_2": 0.999}),
-    "tf1_adam": (adamjax.tf1_adam, "learning_rate", {"beta1": 0.9, "beta2": 0.999}),
+  "adam": (adamjax.adam, "learning_rate", {"b1": 0.9, "b2": 0.999}),
+  "keras_adam": (adamjax.keras_adam, "learning_rate", {"beta_1": 0.9, "beta_2": 0.999}),
+  "tf1_adam": (adamjax.tf1_adam, "learning_rate", {"beta1": 0.9, "beta2": 0.999}),
 }
 
 names = pytest.mark.parametrize("name", sorted(TRANSFORMS))
@@ -48,9 +46,11 @@ names = pytest.mark.parametrize("name", sorted(TRANSFORMS))
 
 def _params(dtype=jnp.float32):
   return {
-      "dense": {"kernel": jnp.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(3, 4),
-                "bias": jnp.zeros((4,), dtype)},
-      "scale": jnp.asarray(0.5, dtype),
+    "dense": {
+      "kernel": jnp.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(3, 4),
+      "bias": jnp.zeros((4,), dtype),
+    },
+    "scale": jnp.asarray(0.5, dtype),
   }
 
 
@@ -61,8 +61,9 @@ def _loss(params):
 
 # Keras and TF compute in the parameter dtype, where beta_2 = 0.999 rounds to 1: they refuse
 # bfloat16 parameters (tested in test_errors.py) and are checked in float16 instead.
-LOW_PRECISION = {name: jnp.float16 if ("keras" in name or "tf1" in name) else jnp.bfloat16
-                 for name in TRANSFORMS}
+LOW_PRECISION = {
+  name: jnp.float16 if ("keras" in name or "tf1" in name) else jnp.bfloat16 for name in TRANSFORMS
+}
 
 
 @names
@@ -83,14 +84,19 @@ def test_jitted_step_keeps_shapes_dtypes_and_finite(name, low_precision):
   new_params, new_state, updates = step(params, state)
   for tree in (new_params, updates):
     assert jax.tree.structure(tree) == jax.tree.structure(params)
-    for leaf, ref in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
+    for leaf, ref in zip(jax.tree.leaves(tree), jax.tree.leaves(params), strict=True):
       assert leaf.shape == ref.shape and leaf.dtype == ref.dtype
       assert bool(jnp.all(jnp.isfinite(leaf.astype(jnp.float32))))
-  assert all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32))))
-             for x in jax.tree.leaves(new_state) if jnp.issubdtype(x.dtype, jnp.inexact))
+  assert all(
+    bool(jnp.all(jnp.isfinite(x.astype(jnp.float32))))
+    for x in jax.tree.leaves(new_state)
+    if jnp.issubdtype(x.dtype, jnp.inexact)
+  )
   assert int(optax.tree_utils.tree_get(new_state, "count")) == 1
-  assert not all(bool(jnp.all(a == b)) for a, b in
-                 zip(jax.tree.leaves(new_params), jax.tree.leaves(params)))
+  assert not all(
+    bool(jnp.all(a == b))
+    for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params), strict=True)
+  )
 
 
 @names
@@ -126,9 +132,11 @@ def _minimise(tx, loss, x0, steps):
 @names
 def test_converges_on_quadratic(name):
   target = jnp.array([1.0, -2.0, 3.0])
-  x = jax.jit(functools.partial(
-      _minimise, TRANSFORMS[name](0.05), lambda x: jnp.sum((x - target) ** 2), steps=1000))(
-          jnp.zeros(3))
+  x = jax.jit(
+    functools.partial(
+      _minimise, TRANSFORMS[name](0.05), lambda x: jnp.sum((x - target) ** 2), steps=1000
+    )
+  )(jnp.zeros(3))
   np.testing.assert_allclose(x, target, atol=1e-2)
 
 
@@ -138,15 +146,16 @@ def test_converges_on_rosenbrock(name):
     return (1.0 - x[0]) ** 2 + 100.0 * (x[1] - x[0] ** 2) ** 2
 
   x = jax.jit(functools.partial(_minimise, TRANSFORMS[name](0.01), rosenbrock, steps=10000))(
-      jnp.array([-1.2, 1.0]))
+    jnp.array([-1.2, 1.0])
+  )
   np.testing.assert_allclose(x, jnp.ones(2), atol=2e-2)
 
 
 @names
 def test_composes_in_chain_masked_if_finite_and_multisteps(name):
   tx = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      optax.masked(TRANSFORMS[name](1e-2), {"dense": True, "scale": False}),
+    optax.clip_by_global_norm(1.0),
+    optax.masked(TRANSFORMS[name](1e-2), {"dense": True, "scale": False}),
   )
   tx = optax.apply_if_finite(tx, max_consecutive_errors=3)
   tx = optax.MultiSteps(tx, every_k_schedule=2)
@@ -168,8 +177,9 @@ def test_composes_in_chain_masked_if_finite_and_multisteps(name):
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
   assert int(state.inner_opt_state.notfinite_count) == 1
   np.testing.assert_array_equal(
-      optax.tree_utils.tree_get(before.inner_opt_state, "count"),
-      optax.tree_utils.tree_get(state.inner_opt_state, "count"))
+    optax.tree_utils.tree_get(before.inner_opt_state, "count"),
+    optax.tree_utils.tree_get(state.inner_opt_state, "count"),
+  )
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
@@ -212,9 +222,9 @@ def test_inject_hyperparams_schedule_matches_plain_schedule(name):
   injected = optax.inject_hyperparams(factory)(**{lr_name: schedule})
   run = lambda tx: jax.jit(functools.partial(_minimise, tx, _loss, steps=60))(_params())  # noqa: E731
   expected = run(plain)
-  for a, b in zip(jax.tree.leaves(run(static)), jax.tree.leaves(expected)):
+  for a, b in zip(jax.tree.leaves(run(static)), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(a, b)
-  for a, b in zip(jax.tree.leaves(run(injected)), jax.tree.leaves(expected)):
+  for a, b in zip(jax.tree.leaves(run(injected)), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -271,12 +281,14 @@ def test_trains_a_linen_train_state(name):
   model = linen.Dense(1)
   x, y = _regression_data()
   state = train_state.TrainState.create(
-      apply_fn=model.apply, params=model.init(jax.random.key(1), x), tx=TRANSFORMS[name](5e-2))
+    apply_fn=model.apply, params=model.init(jax.random.key(1), x), tx=TRANSFORMS[name](5e-2)
+  )
 
   @jax.jit
   def train_step(state):
-    loss, grads = jax.value_and_grad(
-        lambda p: jnp.mean((state.apply_fn(p, x) - y) ** 2))(state.params)
+    loss, grads = jax.value_and_grad(lambda p: jnp.mean((state.apply_fn(p, x) - y) ** 2))(
+      state.params
+    )
     return state.apply_gradients(grads=grads), loss
 
   state, first = train_step(state)

@@ -6,8 +6,13 @@ import importlib
 import pytest
 
 MODULES = [
-    "adamjax._optax_adam", "adamjax._keras_adam", "adamjax._tf1_adam", "adamjax._ema",
-    "adamjax._keras_weight_decay", "adamjax._loss_scale", "adamjax._torch_adam",
+  "adamjax._optax_adam",
+  "adamjax._keras_adam",
+  "adamjax._tf1_adam",
+  "adamjax._ema",
+  "adamjax._keras_weight_decay",
+  "adamjax._loss_scale",
+  "adamjax._torch_adam",
 ]
 
 

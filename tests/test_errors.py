@@ -12,33 +12,33 @@ import pytest
 import adamjax
 
 PRESETS = {
-    "adam": adamjax.adam,
-    "keras_adam": adamjax.keras_adam,
-    "tf1_adam": adamjax.tf1_adam,
+  "adam": adamjax.adam,
+  "keras_adam": adamjax.keras_adam,
+  "tf1_adam": adamjax.tf1_adam,
 }
 
 # (factory, keyword, bad value, words the message must contain)
 BAD_HYPERPARAMETERS = [
-    (adamjax.adam, "learning_rate", -1e-3, ">= 0"),
-    (adamjax.adam, "b1", 1.0, "[0.0, 1.0)"),
-    (adamjax.adam, "b2", -0.1, ">= 0"),
-    (adamjax.adam, "eps", -1e-8, ">= 0"),
-    (adamjax.adam, "eps_root", float("nan"), "finite"),
-    (adamjax.adam, "b1", "0.9", "real number"),
-    (adamjax.keras_adam, "learning_rate", -0.001, ">= 0"),
-    (adamjax.keras_adam, "beta_1", 1.5, "[0.0, 1.0)"),
-    (adamjax.keras_adam, "beta_2", 1.0, "[0.0, 1.0)"),
-    (adamjax.keras_adam, "epsilon", -1e-7, ">= 0"),
-    (adamjax.keras_adam, "learning_rate", "fast", "real number"),
-    (adamjax.keras_adam, "beta_1", [0.9], "real scalar"),
-    (adamjax.keras_adam, "beta_2", True, "real number"),
-    (adamjax.tf1_adam, "learning_rate", float("inf"), "finite"),
-    (adamjax.tf1_adam, "beta1", -0.5, ">= 0"),
-    (adamjax.tf1_adam, "beta2", 1.0, "[0.0, 1.0)"),
-    (adamjax.tf1_adam, "epsilon", -1.0, ">= 0"),
-    (adamjax.scale_by_adam, "b1", 2.0, "[0.0, 1.0)"),
-    (adamjax.scale_by_keras_adam, "epsilon", None, "real"),
-    (adamjax.scale_by_tf1_adam, "beta1", object(), "real"),
+  (adamjax.adam, "learning_rate", -1e-3, ">= 0"),
+  (adamjax.adam, "b1", 1.0, "[0.0, 1.0)"),
+  (adamjax.adam, "b2", -0.1, ">= 0"),
+  (adamjax.adam, "eps", -1e-8, ">= 0"),
+  (adamjax.adam, "eps_root", float("nan"), "finite"),
+  (adamjax.adam, "b1", "0.9", "real number"),
+  (adamjax.keras_adam, "learning_rate", -0.001, ">= 0"),
+  (adamjax.keras_adam, "beta_1", 1.5, "[0.0, 1.0)"),
+  (adamjax.keras_adam, "beta_2", 1.0, "[0.0, 1.0)"),
+  (adamjax.keras_adam, "epsilon", -1e-7, ">= 0"),
+  (adamjax.keras_adam, "learning_rate", "fast", "real number"),
+  (adamjax.keras_adam, "beta_1", [0.9], "real scalar"),
+  (adamjax.keras_adam, "beta_2", True, "real number"),
+  (adamjax.tf1_adam, "learning_rate", float("inf"), "finite"),
+  (adamjax.tf1_adam, "beta1", -0.5, ">= 0"),
+  (adamjax.tf1_adam, "beta2", 1.0, "[0.0, 1.0)"),
+  (adamjax.tf1_adam, "epsilon", -1.0, ">= 0"),
+  (adamjax.scale_by_adam, "b1", 2.0, "[0.0, 1.0)"),
+  (adamjax.scale_by_keras_adam, "epsilon", None, "real"),
+  (adamjax.scale_by_tf1_adam, "beta1", object(), "real"),
 ]
 
 
@@ -64,8 +64,11 @@ def test_wrong_tree_structure_names_the_path(name):
   params = {"encoder": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}, "head": jnp.ones(4)}
   state = tx.init(params)
   grads = {"encoder": {"kernel": jnp.ones((2, 3)), "bais": jnp.zeros(3)}, "head": jnp.ones(4)}
-  with pytest.raises(ValueError, match=r"missing \['encoder'\]\['bias'\].*"
-                                       r"unexpected \['encoder'\]\['bais'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"missing \['encoder'\]\['bias'\].*"
+    r"unexpected \['encoder'\]\['bais'\]",
+  ):
     jax.jit(tx.update)(grads, state, params)
   with pytest.raises(ValueError, match=r"missing \['head'\]"):
     tx.update({"encoder": grads["encoder"] | {"bias": jnp.zeros(3)}}, state, params)
@@ -116,9 +119,9 @@ def test_step_counter_saturates_at_int32_max(name):
 
 def test_import_adamjax_does_not_import_tensorflow_or_keras():
   code = (
-      "import sys, adamjax; "
-      "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'h5py')); "
-      "print(bad); sys.exit(1 if bad else 0)"
+    "import sys, adamjax; "
+    "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'h5py')); "
+    "print(bad); sys.exit(1 if bad else 0)"
   )
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert result.returncode == 0, result.stdout + result.stderr

@@ -22,19 +22,21 @@ def _params(low=jnp.bfloat16):
   """Mixed dtypes and shapes: float32 plus a low-precision dtype, a scalar, an empty leaf."""
   k = jax.random.split(jax.random.key(0), 4)
   return {
-      "dense": {"kernel": jax.random.normal(k[0], (3, 4)), "bias": jnp.zeros(4)},
-      "scale": jnp.asarray(0.5),
-      "emb": [jax.random.normal(k[1], (2, 3, 4)).astype(low), jnp.zeros((0,), low)],
-      "norm": {"scale": jnp.ones(5, low), "bias": jax.random.normal(k[2], (5,))},
+    "dense": {"kernel": jax.random.normal(k[0], (3, 4)), "bias": jnp.zeros(4)},
+    "scale": jnp.asarray(0.5),
+    "emb": [jax.random.normal(k[1], (2, 3, 4)).astype(low), jnp.zeros((0,), low)],
+    "norm": {"scale": jnp.ones(5, low), "bias": jax.random.normal(k[2], (5,))},
   }
 
 
 def _grads(t, params):
   """Gradients whose elements span 1e-8 to 1e1 (so epsilon and rounding both matter)."""
+
   def leaf(i, p):
     key = jax.random.fold_in(jax.random.key(t), i)
     mag = 10.0 ** jax.random.randint(jax.random.fold_in(key, 1), p.shape, -8, 2)
     return (jax.random.normal(key, p.shape) * mag).astype(p.dtype)
+
   leaves, treedef = jax.tree.flatten(params)
   return treedef.unflatten([leaf(i, p) for i, p in enumerate(leaves)])
 
@@ -51,7 +53,7 @@ def _assert_bit_identical(per_leaf, flat, layout):
   a_leaves, a_def = jax.tree.flatten(per_leaf)
   b_leaves, b_def = jax.tree.flatten(flat)
   assert a_def == b_def
-  for i, (a, b) in enumerate(zip(a_leaves, b_leaves)):
+  for i, (a, b) in enumerate(zip(a_leaves, b_leaves, strict=True)):
     assert _bits(a) == _bits(b), f"leaf {i} of {a_def} differs"
 
 
@@ -59,6 +61,7 @@ def _step(tx):
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
   return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -68,7 +71,8 @@ def _decayed(p):
 
 def _not_bias_or_scale(p):
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: not re.search("bias|scale", jax.tree_util.keystr(path)), p)
+    lambda path, _: not re.search("bias|scale", jax.tree_util.keystr(path)), p
+  )
 
 
 def _schedule(count):
@@ -78,33 +82,77 @@ def _schedule(count):
 # name -> (factory, args, kwargs, low-precision dtype, group of the layout). Keras and TF1
 # compute in the parameter dtype and refuse bfloat16 (beta_2 rounds to 1), so they get float16.
 PRESETS = {
-    "adam": (adamjax.adam, (1e-2,), {}, jnp.bfloat16, None),
-    "adam_nesterov_mu_bf16": (adamjax.adam, (1e-2,), dict(
-        nesterov=True, mu_dtype=jnp.bfloat16, eps_root=1e-12), jnp.bfloat16, None),
-    "adamw": (adamjax.adamw, (1e-2,), dict(weight_decay=0.1), jnp.bfloat16, None),
-    "adamw_mask": (adamjax.adamw, (1e-2,), dict(weight_decay=0.1, mask=_decayed),
-                   jnp.bfloat16, _decayed),
-    "keras_adam": (adamjax.keras_adam, (1e-2,), {}, jnp.float16, None),
-    "keras_adam_options": (adamjax.keras_adam, (1e-2,), dict(
-        amsgrad=True, weight_decay=0.01, use_ema=True, ema_overwrite_frequency=3,
-        clipvalue=0.5, loss_scale_factor=4.0), jnp.float16, None),
-    "keras_adam_accumulation_schedule": (adamjax.keras_adam, (_schedule,), dict(
-        gradient_accumulation_steps=2), jnp.float16, None),
-    "keras_adam_fma": (adamjax.keras_adam, (1e-2,), dict(fused_multiply_add=True),
-                       jnp.float16, None),
-    "keras_adamw": (adamjax.keras_adamw, (1e-2,), {}, jnp.float16, None),
-    "keras_adamw_exclude": (adamjax.keras_adamw, (1e-2,), dict(
-        weight_decay=0.1, exclude_from_weight_decay=["bias", "scale"]), jnp.float16,
-        _not_bias_or_scale),
-    "keras_adamw_mask": (adamjax.keras_adamw, (1e-2,), dict(
-        weight_decay=0.1, weight_decay_mask=_decayed), jnp.float16, _decayed),
-    "tf1_adam": (adamjax.tf1_adam, (1e-2,), {}, jnp.float16, None),
-    "torch_adam": (adamjax.torch_adam, (1e-2,), {}, jnp.bfloat16, None),
-    "torch_adam_options": (adamjax.torch_adam, (1e-2,), dict(
-        weight_decay=0.01, amsgrad=True, maximize=True), jnp.bfloat16, None),
-    "torch_adam_no_fma": (adamjax.torch_adam, (1e-2,), dict(fused_multiply_add=False),
-                          jnp.bfloat16, None),
-    "torch_adamw": (adamjax.torch_adamw, (1e-2,), {}, jnp.bfloat16, None),
+  "adam": (adamjax.adam, (1e-2,), {}, jnp.bfloat16, None),
+  "adam_nesterov_mu_bf16": (
+    adamjax.adam,
+    (1e-2,),
+    dict(nesterov=True, mu_dtype=jnp.bfloat16, eps_root=1e-12),
+    jnp.bfloat16,
+    None,
+  ),
+  "adamw": (adamjax.adamw, (1e-2,), dict(weight_decay=0.1), jnp.bfloat16, None),
+  "adamw_mask": (
+    adamjax.adamw,
+    (1e-2,),
+    dict(weight_decay=0.1, mask=_decayed),
+    jnp.bfloat16,
+    _decayed,
+  ),
+  "keras_adam": (adamjax.keras_adam, (1e-2,), {}, jnp.float16, None),
+  "keras_adam_options": (
+    adamjax.keras_adam,
+    (1e-2,),
+    dict(
+      amsgrad=True,
+      weight_decay=0.01,
+      use_ema=True,
+      ema_overwrite_frequency=3,
+      clipvalue=0.5,
+      loss_scale_factor=4.0,
+    ),
+    jnp.float16,
+    None,
+  ),
+  "keras_adam_accumulation_schedule": (
+    adamjax.keras_adam,
+    (_schedule,),
+    dict(gradient_accumulation_steps=2),
+    jnp.float16,
+    None,
+  ),
+  "keras_adam_fma": (adamjax.keras_adam, (1e-2,), dict(fused_multiply_add=True), jnp.float16, None),
+  "keras_adamw": (adamjax.keras_adamw, (1e-2,), {}, jnp.float16, None),
+  "keras_adamw_exclude": (
+    adamjax.keras_adamw,
+    (1e-2,),
+    dict(weight_decay=0.1, exclude_from_weight_decay=["bias", "scale"]),
+    jnp.float16,
+    _not_bias_or_scale,
+  ),
+  "keras_adamw_mask": (
+    adamjax.keras_adamw,
+    (1e-2,),
+    dict(weight_decay=0.1, weight_decay_mask=_decayed),
+    jnp.float16,
+    _decayed,
+  ),
+  "tf1_adam": (adamjax.tf1_adam, (1e-2,), {}, jnp.float16, None),
+  "torch_adam": (adamjax.torch_adam, (1e-2,), {}, jnp.bfloat16, None),
+  "torch_adam_options": (
+    adamjax.torch_adam,
+    (1e-2,),
+    dict(weight_decay=0.01, amsgrad=True, maximize=True),
+    jnp.bfloat16,
+    None,
+  ),
+  "torch_adam_no_fma": (
+    adamjax.torch_adam,
+    (1e-2,),
+    dict(fused_multiply_add=False),
+    jnp.bfloat16,
+    None,
+  ),
+  "torch_adamw": (adamjax.torch_adamw, (1e-2,), {}, jnp.bfloat16, None),
 }
 
 
@@ -146,8 +194,10 @@ def test_ravel_unravel_round_trip_keeps_dtypes_shapes_and_bits():
   flat = layout.ravel(params)
   # 3, 29 and 22 elements, each buffer padded with zeros to 128 (XLA:CPU is slow on odd lengths)
   assert {k: (v.dtype, v.shape) for k, v in flat.items()} == {
-      "bfloat16": (jnp.bfloat16, (128,)), "float16": (jnp.float16, (128,)),
-      "float32": (jnp.float32, (128,))}
+    "bfloat16": (jnp.bfloat16, (128,)),
+    "float16": (jnp.float16, (128,)),
+    "float32": (jnp.float32, (128,)),
+  }
   assert not np.any(np.asarray(flat["float32"][22:])) and np.any(np.asarray(flat["float32"]))
   _assert_bit_identical(params, layout.unravel(flat), layout)
   _assert_bit_identical(params, jax.jit(lambda f: layout.unravel(f))(flat), layout)
@@ -159,20 +209,31 @@ def test_ravel_unravel_round_trip_keeps_dtypes_shapes_and_bits():
 
 
 def test_buffers_are_packed_whole_leaves_up_to_max_buffer_bytes():
-  tree = {"a": jax.ShapeDtypeStruct((3_000_000,), jnp.float32),  # 12 MB: a buffer of its own
-          "b": jax.ShapeDtypeStruct((10, 10), jnp.float32),
-          "c": jax.ShapeDtypeStruct((20,), jnp.float32),
-          "d": jax.ShapeDtypeStruct((5,), jnp.bfloat16)}
+  tree = {
+    "a": jax.ShapeDtypeStruct((3_000_000,), jnp.float32),  # 12 MB: a buffer of its own
+    "b": jax.ShapeDtypeStruct((10, 10), jnp.float32),
+    "c": jax.ShapeDtypeStruct((20,), jnp.float32),
+    "d": jax.ShapeDtypeStruct((5,), jnp.bfloat16),
+  }
   auto = adamjax.FlatLayout(tree)  # 4 MiB on CPU
   padded = lambda n: -(-n // 128) * 128  # noqa: E731
   assert {k: v.shape[0] for k, v in auto.buffers.items()} == {
-      "bfloat16": 128, "float32#0": padded(3_000_000), "float32#1": 128}
+    "bfloat16": 128,
+    "float32#0": padded(3_000_000),
+    "float32#1": 128,
+  }
   small = adamjax.FlatLayout(tree, max_buffer_bytes=400)
   assert {k: v.shape[0] for k, v in small.buffers.items()} == {
-      "bfloat16": 128, "float32#0": padded(3_000_000), "float32#1": 128, "float32#2": 128}
+    "bfloat16": 128,
+    "float32#0": padded(3_000_000),
+    "float32#1": 128,
+    "float32#2": 128,
+  }
   one = adamjax.FlatLayout(tree, max_buffer_bytes=None)
   assert {k: v.shape[0] for k, v in one.buffers.items()} == {
-      "bfloat16": 128, "float32": padded(3_000_120)}
+    "bfloat16": 128,
+    "float32": padded(3_000_120),
+  }
   params = _params()
   layout = adamjax.FlatLayout(params, max_buffer_bytes=16)
   _assert_bit_identical(params, layout.unravel(layout.ravel(params)), layout)
@@ -181,13 +242,25 @@ def test_buffers_are_packed_whole_leaves_up_to_max_buffer_bytes():
 def test_layout_from_shape_structs_and_groups():
   params = _params()
   layout = adamjax.FlatLayout(jax.eval_shape(lambda: params), group=_decayed)
-  assert sorted(layout.buffers) == ["bfloat16/False", "bfloat16/True", "float32/False",
-                                    "float32/True"]
+  assert sorted(layout.buffers) == [
+    "bfloat16/False",
+    "bfloat16/True",
+    "float32/False",
+    "float32/True",
+  ]
   assert layout.buffers["float32/True"].shape == (128,)
-  assert layout.buffer_mask(_decayed) == {"bfloat16/False": False, "bfloat16/True": True,
-                                          "float32/False": False, "float32/True": True}
-  prefix = {"dense": {"kernel": True, "bias": False}, "emb": [True, False], "norm": False,
-            "scale": False}  # an optax-style prefix mask: "norm" covers both its leaves
+  assert layout.buffer_mask(_decayed) == {
+    "bfloat16/False": False,
+    "bfloat16/True": True,
+    "float32/False": False,
+    "float32/True": True,
+  }
+  prefix = {
+    "dense": {"kernel": True, "bias": False},
+    "emb": [True, False],
+    "norm": False,
+    "scale": False,
+  }  # an optax-style prefix mask: "norm" covers both its leaves
   assert layout.buffer_mask(prefix) == layout.buffer_mask(_decayed)
   with pytest.raises(ValueError, match="the mask does not match the parameter tree"):
     layout.buffer_mask({"dense": True})
@@ -199,8 +272,9 @@ def test_gradient_through_unravel_is_the_flat_gradient():
   layout = adamjax.FlatLayout(params)
 
   def loss(tree):
-    return sum(jnp.sum(jnp.sin(x.astype(jnp.float32)) * (i + 1))
-               for i, x in enumerate(jax.tree.leaves(tree)))
+    return sum(
+      jnp.sum(jnp.sin(x.astype(jnp.float32)) * (i + 1)) for i, x in enumerate(jax.tree.leaves(tree))
+    )
 
   flat_grads = jax.jit(jax.grad(lambda f: loss(layout.unravel(f))))(layout.ravel(params))
   _assert_bit_identical(jax.jit(jax.grad(loss))(params), flat_grads, layout)
@@ -211,9 +285,11 @@ def test_optimizer_state_is_two_moments_per_parameter_plus_scalars():
   layout = adamjax.FlatLayout(params)
   flat = layout.ravel(params)
   param_bytes = sum(x.nbytes for x in flat.values())
-  for factory, kwargs, mu_bytes in [(adamjax.adam, {}, param_bytes),
-                                    (adamjax.adam, {"mu_dtype": jnp.bfloat16}, None),
-                                    (adamjax.torch_adam, {}, param_bytes)]:
+  for factory, kwargs, mu_bytes in [
+    (adamjax.adam, {}, param_bytes),
+    (adamjax.adam, {"mu_dtype": jnp.bfloat16}, None),
+    (adamjax.torch_adam, {}, param_bytes),
+  ]:
     state = layout.optimizer(factory, 1e-3, **kwargs).init(flat)
     leaves = jax.tree.leaves(state)
     arrays = [x for x in leaves if x.ndim > 0]
@@ -238,8 +314,12 @@ def test_donated_step_needs_no_memory_beyond_params_grads_and_state():
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(flat, state, flat).compile()
   mem = compiled.memory_analysis()
   resident = sum(x.nbytes for x in jax.tree.leaves((flat, state, flat)))
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-          + mem.temp_size_in_bytes)
+  peak = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    - mem.alias_size_in_bytes
+    + mem.temp_size_in_bytes
+  )
   assert peak - resident <= 1024, (peak, resident)
 
 
@@ -247,8 +327,10 @@ def test_works_inside_optax_chain_and_with_a_chain_factory():
   params = _params()
   layout = adamjax.FlatLayout(params)
   per_leaf = optax.chain(optax.clip(0.1), adamjax.adam(1e-2))
-  for flat_tx in [optax.chain(optax.clip(0.1), layout.optimizer(adamjax.adam, 1e-2)),
-                  layout.optimizer(lambda: optax.chain(optax.clip(0.1), adamjax.adam(1e-2)))]:
+  for flat_tx in [
+    optax.chain(optax.clip(0.1), layout.optimizer(adamjax.adam, 1e-2)),
+    layout.optimizer(lambda: optax.chain(optax.clip(0.1), adamjax.adam(1e-2))),
+  ]:
     p = jax.tree.map(jnp.copy, params)  # the steps donate
     s = per_leaf.init(p)
     f, fs = layout.ravel(params), flat_tx.init(layout.ravel(params))
@@ -280,8 +362,9 @@ def test_inject_hyperparams_learning_rate_changes_without_retracing():
 
 @pytest.mark.parametrize("pure_dict", [False, True])
 def test_nnx_model_trains_on_flat_buffers_as_on_its_state(pure_dict):
-  model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu,
-                         nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+  model = nnx.Sequential(
+    nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 2, rngs=nnx.Rngs(1))
+  )
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state) if pure_dict else state
   layout = adamjax.FlatLayout(params)
@@ -325,8 +408,11 @@ def test_ravel_names_the_leaf_that_does_not_match():
   params = _params()
   layout = adamjax.FlatLayout(params)
   missing = {k: v for k, v in params.items() if k != "scale"}
-  with pytest.raises(ValueError, match=r"does not match the FlatLayout's tree: missing "
-                                       r"\['scale'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"does not match the FlatLayout's tree: missing "
+    r"\['scale'\]",
+  ):
     layout.ravel(missing)
   wrong_shape = dict(params, scale=jnp.ones(2))
   with pytest.raises(ValueError, match=r"\['scale'\] has shape \(2,\), the layout expects \(\)"):
@@ -342,8 +428,11 @@ def test_unravel_and_update_refuse_buffers_that_do_not_match():
   params = _params()
   layout = adamjax.FlatLayout(params)
   flat = layout.ravel(params)
-  with pytest.raises(ValueError, match=r"buffer 'float32' is float32\[3\], but the FlatLayout "
-                                       r"expects float32\[128\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"buffer 'float32' is float32\[3\], but the FlatLayout "
+    r"expects float32\[128\]",
+  ):
     layout.unravel(dict(flat, float32=jnp.ones(3)))
   with pytest.raises(ValueError, match=r"have keys \['float32'\], but the FlatLayout's buffers"):
     layout.unravel({"float32": flat["float32"]})
@@ -351,8 +440,11 @@ def test_unravel_and_update_refuse_buffers_that_do_not_match():
   state = tx.init(flat)
   with pytest.raises(ValueError, match="gradients passed to update are a per-leaf tree"):
     tx.update(params, state, flat)
-  with pytest.raises(ValueError, match=r"buffer 'bfloat16' is float32\[128\], but the "
-                                       r"FlatLayout expects bfloat16\[128\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"buffer 'bfloat16' is float32\[128\], but the "
+    r"FlatLayout expects bfloat16\[128\]",
+  ):
     tx.update(dict(flat, bfloat16=jnp.ones(128)), state, flat)
   with pytest.raises(ValueError, match="group does not match"):
     adamjax.FlatLayout(params, group={"dense": True})
@@ -368,9 +460,12 @@ def test_per_tensor_clipping_is_refused(option):
 
 def test_a_mask_that_splits_a_buffer_is_refused_with_the_fix():
   layout = adamjax.FlatLayout(_params())
-  with pytest.raises(ValueError, match=r"buffer 'bfloat16' holds leaves the mask selects "
-                                       r"\(\['emb'\]\[0\]\) and leaves it does not "
-                                       r"\(\['emb'\]\[1\], \['norm'\]\['scale'\]\).*group=mask"):
+  with pytest.raises(
+    ValueError,
+    match=r"buffer 'bfloat16' holds leaves the mask selects "
+    r"\(\['emb'\]\[0\]\) and leaves it does not "
+    r"\(\['emb'\]\[1\], \['norm'\]\['scale'\]\).*group=mask",
+  ):
     layout.optimizer(adamjax.adamw, 1e-3, mask=_decayed)
   with pytest.raises(ValueError, match="holds leaves the mask selects"):
     layout.optimizer(adamjax.keras_adamw, 1e-3, exclude_from_weight_decay=["bias"])
@@ -395,38 +490,66 @@ def test_benchmark_harness_quick_run_writes_its_table(tmp_path):
   out = tmp_path / "adam_step.md"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "adam_step.py"), "--quick",
-       "--frameworks", "torch", "--out", str(out)],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      os.path.join(ROOT, "benchmarks", "adam_step.py"),
+      "--quick",
+      "--frameworks",
+      "torch",
+      "--out",
+      str(out),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = out.read_text()
   assert proc.stdout.strip().endswith(text.strip().splitlines()[-1])
-  for line in ["# One Adam step on CPU", "- date: ", "- command: `python benchmarks/adam_step.py "
-               "--quick", "- machine: ", "jax 0.10.2", "## Optimizer step", "## Targets",
-               "## Whole training step of a toy model"]:
+  for line in [
+    "# One Adam step on CPU",
+    "- date: ",
+    "- command: `python benchmarks/adam_step.py --quick",
+    "- machine: ",
+    "jax 0.10.2",
+    "## Optimizer step",
+    "## Targets",
+    "## Whole training step of a toy model",
+  ]:
     assert line in text, line
-  header = ("| tree | variant | donated | ms/step | GB/s @28B | x copy | x optax.adam | "
-            "compile s | peak MiB | over p+g+state MiB |")
+  header = (
+    "| tree | variant | donated | ms/step | GB/s @28B | x copy | x optax.adam | "
+    "compile s | peak MiB | over p+g+state MiB |"
+  )
   rows = [line for line in text.splitlines() if line.startswith("| ")]
   assert header in rows
   body = [line.split(" | ") for line in rows if line.count("|") == header.count("|")]
   variants = {(r[0].strip("| "), r[1]) for r in body if r[0] != "| tree"}
   for tree in ("1", "10", "mixed"):
-    for variant in ["memcpy (numpy, 1 thread, 28 B/param)", "copy (same bytes)", "optax.adam",
-                    "adamjax.adam per-leaf", "flat adam, one buffer",
-                    "optax.flatten(adamjax.adam)", "torch.optim.Adam fused"] + [
-                        f"flat {p}" for p in ("adam", "keras_adam", "tf1_adam", "torch_adamw")]:
+    for variant in [
+      "memcpy (numpy, 1 thread, 28 B/param)",
+      "copy (same bytes)",
+      "optax.adam",
+      "adamjax.adam per-leaf",
+      "flat adam, one buffer",
+      "optax.flatten(adamjax.adam)",
+      "torch.optim.Adam fused",
+    ] + [f"flat {p}" for p in ("adam", "keras_adam", "tf1_adam", "torch_adamw")]:
       assert (tree, variant) in variants, (tree, variant)
     assert (tree, "flat adam (no donation)") in variants
   for row in body[1:]:  # every figure parses (their values are not checked: timings vary)
     float(row[3]), float(row[4])
-  toy = ("| tree | variant | ms/step | x tree | compile s | peak MiB | over p+g+state MiB |")
+  toy = "| tree | variant | ms/step | x tree | compile s | peak MiB | over p+g+state MiB |"
   assert toy in rows and sum(line.startswith("| mixed | toy step") for line in rows) == 2
 
 
 def test_docstring_examples_run():
   import doctest
   import importlib
-  result = doctest.testmod(importlib.import_module("adamjax._flat"),
-                           optionflags=doctest.NORMALIZE_WHITESPACE)
+
+  result = doctest.testmod(
+    importlib.import_module("adamjax._flat"), optionflags=doctest.NORMALIZE_WHITESPACE
+  )
   assert result.attempted > 0 and result.failed == 0

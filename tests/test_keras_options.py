@@ -50,33 +50,45 @@ def _schedule():
 
 # name -> Keras config (JSON-able; "schedule" stands for _schedule()).
 CONFIGS = {
-    "weight_decay": {"weight_decay": 0.004},
-    "weight_decay_exclude": {"weight_decay": 0.05, "learning_rate": 0.01,
-                             "_exclude_params": ["bias", "scale"]},
-    "clipnorm": {"clipnorm": 1.0},
-    "global_clipnorm": {"global_clipnorm": 1.0},
-    "clipvalue": {"clipvalue": 0.5},
-    "ema": {"use_ema": True},
-    "ema_overwrite": {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 7},
-    "loss_scale_factor": {"loss_scale_factor": 128.0},
-    "loss_scale_factor_3": {"loss_scale_factor": 3.0},
-    "accumulation": {"gradient_accumulation_steps": 4},
-    "accumulation_3": {"gradient_accumulation_steps": 3},
-    "schedule": {"learning_rate": "schedule"},
-    "accumulation_schedule": {"gradient_accumulation_steps": 2, "learning_rate": "schedule"},
-    "wd_globalclip_ema": {"weight_decay": 0.01, "global_clipnorm": 5.0, "use_ema": True},
-    "amsgrad_clipnorm_wd": {"amsgrad": True, "clipnorm": 2.0, "weight_decay": 0.004},
-    "accumulation_ema_overwrite": {"gradient_accumulation_steps": 2, "use_ema": True,
-                                   "ema_overwrite_frequency": 5},
-    "everything": {"learning_rate": "schedule", "amsgrad": True, "weight_decay": 0.004,
-                   "global_clipnorm": 10.0, "use_ema": True, "ema_overwrite_frequency": 11,
-                   "loss_scale_factor": 4.0, "gradient_accumulation_steps": 4},
+  "weight_decay": {"weight_decay": 0.004},
+  "weight_decay_exclude": {
+    "weight_decay": 0.05,
+    "learning_rate": 0.01,
+    "_exclude_params": ["bias", "scale"],
+  },
+  "clipnorm": {"clipnorm": 1.0},
+  "global_clipnorm": {"global_clipnorm": 1.0},
+  "clipvalue": {"clipvalue": 0.5},
+  "ema": {"use_ema": True},
+  "ema_overwrite": {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 7},
+  "loss_scale_factor": {"loss_scale_factor": 128.0},
+  "loss_scale_factor_3": {"loss_scale_factor": 3.0},
+  "accumulation": {"gradient_accumulation_steps": 4},
+  "accumulation_3": {"gradient_accumulation_steps": 3},
+  "schedule": {"learning_rate": "schedule"},
+  "accumulation_schedule": {"gradient_accumulation_steps": 2, "learning_rate": "schedule"},
+  "wd_globalclip_ema": {"weight_decay": 0.01, "global_clipnorm": 5.0, "use_ema": True},
+  "amsgrad_clipnorm_wd": {"amsgrad": True, "clipnorm": 2.0, "weight_decay": 0.004},
+  "accumulation_ema_overwrite": {
+    "gradient_accumulation_steps": 2,
+    "use_ema": True,
+    "ema_overwrite_frequency": 5,
+  },
+  "everything": {
+    "learning_rate": "schedule",
+    "amsgrad": True,
+    "weight_decay": 0.004,
+    "global_clipnorm": 10.0,
+    "use_ema": True,
+    "ema_overwrite_frequency": 11,
+    "loss_scale_factor": 4.0,
+    "gradient_accumulation_steps": 4,
+  },
 }
 NOT_POW2 = {"loss_scale_factor_3", "accumulation_3"}
 # Keras-on-JAX accumulates with `lax.cond`, which run op by op takes minutes for 600 steps:
 # these are checked against jitted Keras-JAX (fused) and against TF only.
-ACCUMULATING = {name for name, config in CONFIGS.items()
-                if "gradient_accumulation_steps" in config}
+ACCUMULATING = {name for name, config in CONFIGS.items() if "gradient_accumulation_steps" in config}
 
 
 def _keras_config(name):
@@ -160,8 +172,9 @@ def test_option_matches_keras_tensorflow_backend(name, record_property):
     for key, (a, b) in pairs.items():
       for leaf in a:
         scale = float(np.max(np.abs(b[leaf])))
-        np.testing.assert_allclose(a[leaf], b[leaf], rtol=CLIP_RTOL, atol=CLIP_RTOL * scale,
-                                   err_msg=f"{key}[{leaf}]")
+        np.testing.assert_allclose(
+          a[leaf], b[leaf], rtol=CLIP_RTOL, atol=CLIP_RTOL * scale, err_msg=f"{key}[{leaf}]"
+        )
   else:
     assert max(ulps(a, b) for a, b in _pairs(ours, reference).values()) <= ULP_BOUND, diff
     _assert_params_close(ours, reference)
@@ -174,12 +187,14 @@ def test_options_run_eagerly_too():
 
 # ---- Keras's own golden values (keras/src/optimizers/adam_test.py) ----
 
+
 def test_golden_single_step():
   tx = adamjax.keras_adam(learning_rate=0.5)
   params = jnp.array([1.0, 2.0, 3.0, 4.0])
   updates, _ = tx.update(jnp.array([1.0, 6.0, 7.0, 2.0]), tx.init(params), params)
-  np.testing.assert_allclose(optax.apply_updates(params, updates), [0.5, 1.5, 2.5, 3.5],
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    optax.apply_updates(params, updates), [0.5, 1.5, 2.5, 3.5], rtol=1e-4, atol=1e-4
+  )
 
 
 def test_golden_weight_decay_and_exclusion():
@@ -218,7 +233,10 @@ def test_golden_clip_norm_and_value():
 
 # ---- What Keras refuses, refused here with the same kind of error ----
 
-@pytest.mark.parametrize("kwargs,words", [
+
+@pytest.mark.parametrize(
+  "kwargs,words",
+  [
     ({"clipnorm": 1.0, "global_clipnorm": 1.0}, "Only one of clipnorm"),
     ({"clipvalue": 1.0, "clipnorm": 2.0}, "Only one of clipnorm"),
     ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps must be an integer >= 2"),
@@ -228,12 +246,16 @@ def test_golden_clip_norm_and_value():
     ({"use_ema": True, "ema_overwrite_frequency": -1}, "ema_overwrite_frequency"),
     ({"weight_decay": -0.1}, "weight_decay"),
     ({"loss_scale_factor": 0.0}, "loss_scale_factor must be > 0"),
-])
+  ],
+)
 def test_invalid_combinations_raise_like_keras(kwargs, words):
   with pytest.raises(ValueError, match=words):
     adamjax.keras_adam(**kwargs)
-  if "weight_decay" in kwargs or "loss_scale_factor" in kwargs or kwargs.get(
-      "gradient_accumulation_steps") == 2.5:
+  if (
+    "weight_decay" in kwargs
+    or "loss_scale_factor" in kwargs
+    or kwargs.get("gradient_accumulation_steps") == 2.5
+  ):
     return  # Keras accepts these (and misbehaves later); ours refuses up front.
   with pytest.raises(ValueError):
     keras.optimizers.Adam(**kwargs)

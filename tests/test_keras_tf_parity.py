@@ -17,11 +17,11 @@ import optax
 import pytest
 from adamjax_runner import run_optax, ulps
 from reference_runners import (
-    make_gradient_sequence,
-    make_params,
-    run_keras_jax,
-    run_keras_tf,
-    run_tf1_adam,
+  make_gradient_sequence,
+  make_params,
+  run_keras_jax,
+  run_keras_tf,
+  run_tf1_adam,
 )
 
 import adamjax
@@ -31,9 +31,9 @@ STEPS = 1000
 ULP_BOUND = 2
 
 KERAS_CONFIGS = {
-    "default": {},
-    "amsgrad": {"amsgrad": True},
-    "custom": {"learning_rate": 0.01, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-6},
+  "default": {},
+  "amsgrad": {"amsgrad": True},
+  "custom": {"learning_rate": 0.01, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-6},
 }
 
 
@@ -59,8 +59,11 @@ def _ours(tx, amsgrad=False, jit=True):
 
 def _compare(ours, reference, amsgrad=False):
   """Max ulps per recorded quantity: params, first moment, second moment (and its maximum)."""
-  pairs = {"params": (ours["params"], reference.params), "m": (ours["mu"], reference.m),
-           "v": (ours["nu"], reference.v)}
+  pairs = {
+    "params": (ours["params"], reference.params),
+    "m": (ours["mu"], reference.m),
+    "v": (ours["nu"], reference.v),
+  }
   if amsgrad:
     pairs["v_hat"] = (ours["nu_max"], reference.v_hat)
   return {k: ulps(a, b) for k, (a, b) in pairs.items()}
@@ -72,7 +75,8 @@ def test_keras_adam_equals_keras_jax_backend_bit_for_bit(config, jit):
   amsgrad = KERAS_CONFIGS[config].get("amsgrad", False)
   ours = _ours(adamjax.keras_adam(**KERAS_CONFIGS[config]), amsgrad, jit=jit)
   assert _compare(ours, _keras(config, "jax"), amsgrad) == dict.fromkeys(
-      ["params", "m", "v"] + (["v_hat"] if amsgrad else []), 0)
+    ["params", "m", "v"] + (["v_hat"] if amsgrad else []), 0
+  )
 
 
 @pytest.mark.parametrize("config", sorted(KERAS_CONFIGS))
@@ -112,8 +116,12 @@ TF1_CONFIGS = [(0.001, 0.9, 0.999, 1e-8), (0.01, 0.8, 0.99, 1e-6)]
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 def test_tf1_adam_matches_tensorflow_apply_adam(config, jit):
   reference = _tf1(*config)
-  ours = run_optax(adamjax.tf1_adam(*config), *_inputs(), jit=jit,
-                   fields=("mu", "nu", "beta1_power", "beta2_power"))
+  ours = run_optax(
+    adamjax.tf1_adam(*config),
+    *_inputs(),
+    jit=jit,
+    fields=("mu", "nu", "beta1_power", "beta2_power"),
+  )
   diff = _compare(ours, reference)
   assert max(diff.values()) <= ULP_BOUND, diff
   # The running products are TensorFlow's own float32 multiplications: equal to the bit.

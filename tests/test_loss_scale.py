@@ -20,8 +20,12 @@ def _inputs(steps):
   grads = make_gradient_sequence(SHAPES, steps, 6)
   grads = {k: g * np.float32(2.0**10) for k, g in grads.items()}  # "scaled" gradients
   # Overflowed steps: an inf in one tensor, a NaN in another, two in a row, and late ones.
-  for step, name, value in [(3, "kernel", np.inf), (9, "bias", np.nan), (10, "scale", -np.inf),
-                            (17, "kernel", np.nan)]:
+  for step, name, value in [
+    (3, "kernel", np.inf),
+    (9, "bias", np.nan),
+    (10, "scale", -np.inf),
+    (17, "kernel", np.nan),
+  ]:
     grads[name][(step,) + (0,) * (grads[name].ndim - 1)] = value
   return params, grads
 
@@ -30,7 +34,8 @@ def _keras(params, grads, jit):
   names = sorted(params)
   variables = [keras.Variable(params[n], name=f"p{i}") for i, n in enumerate(names)]
   optimizer = keras.optimizers.LossScaleOptimizer(
-      keras.optimizers.Adam(), initial_scale=2.0**12, dynamic_growth_steps=GROWTH)
+    keras.optimizers.Adam(), initial_scale=2.0**12, dynamic_growth_steps=GROWTH
+  )
   optimizer.build(variables)
   step = jax.jit(optimizer.stateless_apply) if jit else optimizer.stateless_apply
   opt_values = [v.value for v in optimizer.variables]
@@ -46,8 +51,8 @@ def _keras(params, grads, jit):
 
 def _ours(params, grads, fused, jit=True):
   tx = adamjax.dynamic_loss_scale(
-      adamjax.keras_adam(fused_multiply_add=fused), initial_scale=2.0**12,
-      dynamic_growth_steps=GROWTH)
+    adamjax.keras_adam(fused_multiply_add=fused), initial_scale=2.0**12, dynamic_growth_steps=GROWTH
+  )
   return run_optax(tx, params, grads, jit=jit, fields=("loss_scale",))
 
 
@@ -62,8 +67,9 @@ def test_dynamic_loss_scale_equals_keras_loss_scale_optimizer(jit):
   assert scales.min() < 2.0**12 < scales.max()
   # Skipped steps leave the parameters exactly as they were.
   for step in (3, 9, 10, 17):
-    np.testing.assert_array_equal(ours["params"]["kernel"][step],
-                                  ours["params"]["kernel"][step - 1])
+    np.testing.assert_array_equal(
+      ours["params"]["kernel"][step], ours["params"]["kernel"][step - 1]
+    )
 
 
 def test_scale_loss_multiplies_by_the_current_scale():
@@ -86,10 +92,13 @@ def test_dynamic_loss_scale_composes_with_optax():
   assert int(state.step_counter) == 1
 
 
-@pytest.mark.parametrize("kwargs,words", [
+@pytest.mark.parametrize(
+  "kwargs,words",
+  [
     ({"initial_scale": -1.0}, "initial_scale"),
     ({"dynamic_growth_steps": 0}, "dynamic_growth_steps"),
-])
+  ],
+)
 def test_invalid_arguments(kwargs, words):
   with pytest.raises(ValueError, match=words):
     adamjax.dynamic_loss_scale(adamjax.adam(1e-3), **kwargs)

@@ -13,12 +13,12 @@ SHAPES = {"bias": (7,), "kernel": (3, 5), "conv": (2, 3, 4), "scale": ()}
 STEPS = 1000
 
 CONFIGS = {
-    "default": {},
-    "eps_root": {"eps_root": 1e-8},
-    "nesterov": {"nesterov": True},
-    "mu_bf16": {"mu_dtype": jnp.bfloat16},
-    "betas_eps": {"b1": 0.8, "b2": 0.99, "eps": 1e-6},
-    "schedule": {"learning_rate": optax.cosine_decay_schedule(1e-2, 800)},
+  "default": {},
+  "eps_root": {"eps_root": 1e-8},
+  "nesterov": {"nesterov": True},
+  "mu_bf16": {"mu_dtype": jnp.bfloat16},
+  "betas_eps": {"b1": 0.8, "b2": 0.99, "eps": 1e-6},
+  "schedule": {"learning_rate": optax.cosine_decay_schedule(1e-2, 800)},
 }
 
 
@@ -32,7 +32,8 @@ def _assert_identical(ours, theirs):
   for field in theirs:
     for name in theirs[field]:
       np.testing.assert_array_equal(
-          ours[field][name], theirs[field][name], err_msg=f"{field}[{name!r}]")
+        ours[field][name], theirs[field][name], err_msg=f"{field}[{name!r}]"
+      )
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -61,15 +62,21 @@ def test_adam_equals_optax_adam_eagerly():
 def test_scale_by_adam_equals_optax_in_a_chain():
   params, grads = _inputs(jnp.float32)
   chain = lambda scale_by_adam: optax.chain(  # noqa: E731
-      optax.clip_by_global_norm(10.0), scale_by_adam(b1=0.95), optax.scale(-3e-4))
+    optax.clip_by_global_norm(10.0), scale_by_adam(b1=0.95), optax.scale(-3e-4)
+  )
   _assert_identical(
-      run_optax(chain(adamjax.scale_by_adam), params, grads),
-      run_optax(chain(optax.scale_by_adam), params, grads))
+    run_optax(chain(adamjax.scale_by_adam), params, grads),
+    run_optax(chain(optax.scale_by_adam), params, grads),
+  )
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 1e-2, "nesterov": True},
-                                    {"mask": lambda p: {k: k != "bias" for k in p}}])
+@pytest.mark.parametrize(
+  "kwargs",
+  [{}, {"weight_decay": 1e-2, "nesterov": True}, {"mask": lambda p: {k: k != "bias" for k in p}}],
+)
 def test_adamw_equals_optax_adamw_bit_for_bit(kwargs):
   params, grads = _inputs(jnp.float32)
-  _assert_identical(run_optax(adamjax.adamw(1e-3, **kwargs), params, grads),
-                    run_optax(optax.adamw(1e-3, **kwargs), params, grads))
+  _assert_identical(
+    run_optax(adamjax.adamw(1e-3, **kwargs), params, grads),
+    run_optax(optax.adamw(1e-3, **kwargs), params, grads),
+  )

@@ -29,100 +29,142 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `train/` is a folder of scripts beside the package.
-    sys.path.insert(0, str(ROOT))
+  sys.path.insert(0, str(ROOT))
 parity = importlib.import_module("train.parity")
 mnist = importlib.import_module("train.mnist")
 
 SCRIPT = ROOT / "train" / "parity.py"
 STEPS = 50
-FAST_ARGS = ["--data-source", "synthetic", "--limit-train-examples", "1024",
-             "--steps", str(STEPS)]
+FAST_ARGS = ["--data-source", "synthetic", "--limit-train-examples", "1024", "--steps", str(STEPS)]
 TOLERANCE = 1e-4
 ULP_BOUND = 2  # Keras (TF backend) vs keras_adam on the same gradients: the project's contract.
 
 REPORT_FIELDS = {
-    "config", "versions", "data_source", "steps", "param_abs", "param_rel", "identical_fraction",
-    "loss_keras", "loss_jax", "loss_abs", "worst", "final", "milestones", "max_loss_abs",
-    "per_param_final", "grads_step1", "step1_optimizer_only", "checks", "criterion",
-    "tolerance", "max_param_rel", "passed", "seconds",
+  "config",
+  "versions",
+  "data_source",
+  "steps",
+  "param_abs",
+  "param_rel",
+  "identical_fraction",
+  "loss_keras",
+  "loss_jax",
+  "loss_abs",
+  "worst",
+  "final",
+  "milestones",
+  "max_loss_abs",
+  "per_param_final",
+  "grads_step1",
+  "step1_optimizer_only",
+  "checks",
+  "criterion",
+  "tolerance",
+  "max_param_rel",
+  "passed",
+  "seconds",
 }
 
 
 def run_command(workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """Runs ``python train/parity.py`` on the fast configuration; returns it and its report."""
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *FAST_ARGS, "--tolerance", str(TOLERANCE),
-         "--workdir", str(workdir), *args],
-        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT, env=dict(os.environ))
-    report_path = workdir / parity.REPORT
-    assert report_path.exists(), f"no report; exit {proc.returncode}, stderr:\n{proc.stderr}"
-    return proc, json.loads(report_path.read_text())
+  """Runs ``python train/parity.py`` on the fast configuration; returns it and its report."""
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(SCRIPT),
+      *FAST_ARGS,
+      "--tolerance",
+      str(TOLERANCE),
+      "--workdir",
+      str(workdir),
+      *args,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    cwd=ROOT,
+    env=dict(os.environ),
+  )
+  report_path = workdir / parity.REPORT
+  assert report_path.exists(), f"no report; exit {proc.returncode}, stderr:\n{proc.stderr}"
+  return proc, json.loads(report_path.read_text())
 
 
 @pytest.fixture(scope="module")
 def keras_adam_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("parity_keras_adam")
-    proc, report = run_command(workdir)
-    return proc, report, workdir
+  workdir = tmp_path_factory.mktemp("parity_keras_adam")
+  proc, report = run_command(workdir)
+  return proc, report, workdir
 
 
 def test_keras_adam_command_passes(keras_adam_run):
-    proc, report, _ = keras_adam_run
-    assert proc.returncode == parity.EXIT_PASSED, proc.stdout + proc.stderr
-    assert "PASS" in proc.stdout
-    assert report["passed"] and report["max_param_rel"] <= TOLERANCE
-    assert report["max_param_rel"] == max(report["param_rel"])
-    # The optimizer alone reproduces Keras's step: the whole difference comes from gradients.
-    assert max(v["max_ulps"] for v in report["step1_optimizer_only"].values()) <= ULP_BOUND
-    # The gradients at step 1 (same weights, same batch) agree to float32 rounding.
-    assert max(v["abs"] for v in report["grads_step1"].values()) < 1e-6
-    assert report["max_loss_abs"] < 1e-5
+  proc, report, _ = keras_adam_run
+  assert proc.returncode == parity.EXIT_PASSED, proc.stdout + proc.stderr
+  assert "PASS" in proc.stdout
+  assert report["passed"] and report["max_param_rel"] <= TOLERANCE
+  assert report["max_param_rel"] == max(report["param_rel"])
+  # The optimizer alone reproduces Keras's step: the whole difference comes from gradients.
+  assert max(v["max_ulps"] for v in report["step1_optimizer_only"].values()) <= ULP_BOUND
+  # The gradients at step 1 (same weights, same batch) agree to float32 rounding.
+  assert max(v["abs"] for v in report["grads_step1"].values()) < 1e-6
+  assert report["max_loss_abs"] < 1e-5
 
 
 def test_report_fields_and_plot(keras_adam_run):
-    _, report, workdir = keras_adam_run
-    assert REPORT_FIELDS <= set(report)
-    assert report["steps"] == list(range(1, STEPS + 1))  # --record-every 1: every step.
-    for key in ("param_abs", "param_rel", "identical_fraction"):
-        assert len(report[key]) == STEPS and all(np.isfinite(report[key]))
-    for key in ("loss_keras", "loss_jax", "loss_abs"):
-        assert len(report[key]) == STEPS
-    assert set(report["milestones"]) == {"1", "10", str(STEPS)}
-    assert set(report["milestones"]["1"]) == {"param_abs", "param_rel", "loss_abs"}
-    assert report["final"]["step"] == STEPS
-    assert report["worst"]["param_rel"] == report["max_param_rel"]
-    assert report["tolerance"] == TOLERANCE and report["config"]["optimizer"] == "keras_adam"
-    assert set(report["per_param_final"]) == set(parity.PARAM_NAMES)
-    assert {"keras", "tensorflow", "jax", "flax", "optax", "adamjax"} <= set(report["versions"])
-    assert report["checks"] == {"pixels_match_keras": True, "tensorflow_in_jax_process": False,
-                                "keras_iterations": STEPS, "jax_count": STEPS}
-    assert report["data_source"] == "synthetic"
-    png = (workdir / parity.PLOT).read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+  _, report, workdir = keras_adam_run
+  assert REPORT_FIELDS <= set(report)
+  assert report["steps"] == list(range(1, STEPS + 1))  # --record-every 1: every step.
+  for key in ("param_abs", "param_rel", "identical_fraction"):
+    assert len(report[key]) == STEPS and all(np.isfinite(report[key]))
+  for key in ("loss_keras", "loss_jax", "loss_abs"):
+    assert len(report[key]) == STEPS
+  assert set(report["milestones"]) == {"1", "10", str(STEPS)}
+  assert set(report["milestones"]["1"]) == {"param_abs", "param_rel", "loss_abs"}
+  assert report["final"]["step"] == STEPS
+  assert report["worst"]["param_rel"] == report["max_param_rel"]
+  assert report["tolerance"] == TOLERANCE and report["config"]["optimizer"] == "keras_adam"
+  assert set(report["per_param_final"]) == set(parity.PARAM_NAMES)
+  assert {"keras", "tensorflow", "jax", "flax", "optax", "adamjax"} <= set(report["versions"])
+  assert report["checks"] == {
+    "pixels_match_keras": True,
+    "tensorflow_in_jax_process": False,
+    "keras_iterations": STEPS,
+    "jax_count": STEPS,
+  }
+  assert report["data_source"] == "synthetic"
+  png = (workdir / parity.PLOT).read_bytes()
+  assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
 def test_optax_adam_command_fails_the_same_tolerance(tmp_path):
-    proc, report = run_command(tmp_path, "--optimizer", "optax.adam", "--no-plot")
-    assert proc.returncode == parity.EXIT_FAILED, proc.stdout + proc.stderr
-    assert "FAIL" in proc.stdout
-    assert not report["passed"] and report["tolerance"] == TOLERANCE
-    assert report["max_param_rel"] > 10 * TOLERANCE
-    # Here the optimizer itself is the difference (Algorithm 1's eps=1e-8, not Keras's eps hat).
-    assert max(v["abs"] for v in report["step1_optimizer_only"].values()) > 1e-5
-    assert not (tmp_path / parity.PLOT).exists()
+  proc, report = run_command(tmp_path, "--optimizer", "optax.adam", "--no-plot")
+  assert proc.returncode == parity.EXIT_FAILED, proc.stdout + proc.stderr
+  assert "FAIL" in proc.stdout
+  assert not report["passed"] and report["tolerance"] == TOLERANCE
+  assert report["max_param_rel"] > 10 * TOLERANCE
+  # Here the optimizer itself is the difference (Algorithm 1's eps=1e-8, not Keras's eps hat).
+  assert max(v["abs"] for v in report["step1_optimizer_only"].values()) > 1e-5
+  assert not (tmp_path / parity.PLOT).exists()
 
 
 def test_shared_dropout_masks_pass(tmp_path, keras_adam_run):
-    config = parity.ParityConfig(steps=STEPS, dropout="shared-masks", data_source="synthetic",
-                                 limit_train_examples=1024, tolerance=TOLERANCE, plot=False)
-    report = parity.run_parity(config, tmp_path)
-    assert report["passed"], report["max_param_rel"]
-    # Dropout really is on (it changes the step-1 loss from the same weights and batch) and the
-    # masks really are shared (the two frameworks' losses agree to float32 rounding).
-    _, no_dropout, _ = keras_adam_run
-    assert abs(report["loss_keras"][0] - no_dropout["loss_keras"][0]) > 1e-3
-    assert report["max_loss_abs"] < 1e-5
-    assert max(v["max_ulps"] for v in report["step1_optimizer_only"].values()) <= ULP_BOUND
+  config = parity.ParityConfig(
+    steps=STEPS,
+    dropout="shared-masks",
+    data_source="synthetic",
+    limit_train_examples=1024,
+    tolerance=TOLERANCE,
+    plot=False,
+  )
+  report = parity.run_parity(config, tmp_path)
+  assert report["passed"], report["max_param_rel"]
+  # Dropout really is on (it changes the step-1 loss from the same weights and batch) and the
+  # masks really are shared (the two frameworks' losses agree to float32 rounding).
+  _, no_dropout, _ = keras_adam_run
+  assert abs(report["loss_keras"][0] - no_dropout["loss_keras"][0]) > 1e-3
+  assert report["max_loss_abs"] < 1e-5
+  assert max(v["max_ulps"] for v in report["step1_optimizer_only"].values()) <= ULP_BOUND
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,44 +172,43 @@ def test_shared_dropout_masks_pass(tmp_path, keras_adam_run):
 
 
 def test_record_steps():
-    assert parity.record_steps(50, 1).tolist() == list(range(1, 51))
-    assert parity.record_steps(1000, 300).tolist() == [1, 10, 100, 300, 600, 900, 1000]
-    assert parity.record_steps(7, 100).tolist() == [1, 7]
+  assert parity.record_steps(50, 1).tolist() == list(range(1, 51))
+  assert parity.record_steps(1000, 300).tolist() == [1, 10, 100, 300, 600, 900, 1000]
+  assert parity.record_steps(7, 100).tolist() == [1, 7]
 
 
 def test_dropout_scale_is_tensorflows_and_not_a_division():
-    # tf.nn dropout multiplies by float32(1 / (1 - rate)); Flax divides by 1 - rate. The two
-    # disagree on some inputs, which is why both sides here use the one multiplication.
-    assert parity.dropout_scale(0.2) == np.float32(1.25)
-    x = np.random.default_rng(0).random(10_000, dtype=np.float32)
-    assert np.any(x * parity.dropout_scale(0.2) != x / np.float32(1 - 0.2))
+  # tf.nn dropout multiplies by float32(1 / (1 - rate)); Flax divides by 1 - rate. The two
+  # disagree on some inputs, which is why both sides here use the one multiplication.
+  assert parity.dropout_scale(0.2) == np.float32(1.25)
+  x = np.random.default_rng(0).random(10_000, dtype=np.float32)
+  assert np.any(x * parity.dropout_scale(0.2) != x / np.float32(1 - 0.2))
 
 
 def test_batches_follow_train_mnist_epoch_order():
-    data = mnist.synthetic_mnist(100, 1, seed=3)
-    config = parity.ParityConfig(steps=5, batch_size=32, seed=4)
-    images, labels = parity.make_batches(config, data)
-    assert images.shape == (5, 32, 28, 28) and images.dtype == np.uint8
-    assert labels.shape == (5, 32) and labels.dtype == np.int32
-    # 100 examples: 3 full batches an epoch (the padded 4th is skipped), then the next epoch.
-    rows = [mnist.epoch_batches(100, 32, 4, e)[0] for e in (0, 1)]
-    expected = np.concatenate([rows[0][:3], rows[1][:2]])
-    np.testing.assert_array_equal(images, data.train_images[expected])
-    np.testing.assert_array_equal(labels, data.train_labels[expected])
+  data = mnist.synthetic_mnist(100, 1, seed=3)
+  config = parity.ParityConfig(steps=5, batch_size=32, seed=4)
+  images, labels = parity.make_batches(config, data)
+  assert images.shape == (5, 32, 28, 28) and images.dtype == np.uint8
+  assert labels.shape == (5, 32) and labels.dtype == np.int32
+  # 100 examples: 3 full batches an epoch (the padded 4th is skipped), then the next epoch.
+  rows = [mnist.epoch_batches(100, 32, 4, e)[0] for e in (0, 1)]
+  expected = np.concatenate([rows[0][:3], rows[1][:2]])
+  np.testing.assert_array_equal(images, data.train_images[expected])
+  np.testing.assert_array_equal(labels, data.train_labels[expected])
 
 
 def test_dropout_masks():
-    config = parity.ParityConfig(steps=20, seed=5, dropout_rate=0.2)
-    masks = parity.make_dropout_masks(config)
-    assert masks.shape == (20, 32, 128) and masks.dtype == np.bool_
-    assert abs(masks.mean() - 0.8) < 0.01
-    np.testing.assert_array_equal(masks, parity.make_dropout_masks(config))
-    assert not np.array_equal(masks, parity.make_dropout_masks(
-        parity.ParityConfig(steps=20, seed=6)))
+  config = parity.ParityConfig(steps=20, seed=5, dropout_rate=0.2)
+  masks = parity.make_dropout_masks(config)
+  assert masks.shape == (20, 32, 128) and masks.dtype == np.bool_
+  assert abs(masks.mean() - 0.8) < 0.01
+  np.testing.assert_array_equal(masks, parity.make_dropout_masks(config))
+  assert not np.array_equal(masks, parity.make_dropout_masks(parity.ParityConfig(steps=20, seed=6)))
 
 
 def test_bad_configuration_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        parity.run_parity(parity.ParityConfig(optimizer="sgd"), tmp_path)
-    with pytest.raises(ValueError, match="unknown dropout mode"):
-        parity.run_parity(parity.ParityConfig(dropout="random"), tmp_path)
+  with pytest.raises(ValueError, match="unknown optimizer"):
+    parity.run_parity(parity.ParityConfig(optimizer="sgd"), tmp_path)
+  with pytest.raises(ValueError, match="unknown dropout mode"):
+    parity.run_parity(parity.ParityConfig(dropout="random"), tmp_path)

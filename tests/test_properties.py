@@ -44,12 +44,14 @@ def updates_of(tx, grads):
   return np.asarray(updates, np.float64)
 
 
-hyper = st.fixed_dictionaries({
+hyper = st.fixed_dictionaries(
+  {
     "lr": st.floats(1e-4, 1e-1),
     "b1": st.floats(0.0, 0.99),
     "b2": st.floats(0.9, 0.9999),
     "eps": st.sampled_from([1e-8, 1e-7, 1e-6, 1e-3]),
-})
+  }
+)
 
 
 @st.composite
@@ -57,9 +59,12 @@ def gradient_sequences(draw):
   steps = draw(st.integers(1, 25))
   size = draw(st.integers(1, 6))
   log_scale = draw(st.floats(-8.0, 2.0))
-  raw = draw(st.lists(st.floats(-1.0, 1.0, allow_subnormal=False),
-                      min_size=steps * size, max_size=steps * size))
-  return (np.asarray(raw, np.float32).reshape(steps, size) * np.float32(10.0**log_scale))
+  raw = draw(
+    st.lists(
+      st.floats(-1.0, 1.0, allow_subnormal=False), min_size=steps * size, max_size=steps * size
+    )
+  )
+  return np.asarray(raw, np.float32).reshape(steps, size) * np.float32(10.0**log_scale)
 
 
 def _assert_close(ours, expected, lr):
@@ -75,8 +80,9 @@ settings_ = settings(max_examples=40, deadline=None)
 @given(gradient_sequences(), hyper, st.sampled_from([0.0, 1e-10]))
 def test_adam_is_algorithm_1(grads, h, eps_root):
   ours = updates_of(adamjax.adam(h["lr"], h["b1"], h["b2"], h["eps"], eps_root), grads)
-  expected = reference_adam(grads, h["lr"], h["b1"], h["b2"], h["eps"], eps_hat=False,
-                            eps_root=eps_root)
+  expected = reference_adam(
+    grads, h["lr"], h["b1"], h["b2"], h["eps"], eps_hat=False, eps_root=eps_root
+  )
   _assert_close(ours, expected, h["lr"])
 
 
@@ -84,8 +90,9 @@ def test_adam_is_algorithm_1(grads, h, eps_root):
 @given(gradient_sequences(), hyper, st.booleans())
 def test_keras_adam_is_epsilon_hat_adam(grads, h, amsgrad):
   ours = updates_of(adamjax.keras_adam(h["lr"], h["b1"], h["b2"], h["eps"], amsgrad), grads)
-  expected = reference_adam(grads, h["lr"], h["b1"], h["b2"], h["eps"], eps_hat=True,
-                            amsgrad=amsgrad)
+  expected = reference_adam(
+    grads, h["lr"], h["b1"], h["b2"], h["eps"], eps_hat=True, amsgrad=amsgrad
+  )
   _assert_close(ours, expected, h["lr"])
 
 

@@ -52,15 +52,20 @@ ULP_BOUND = 2
 
 # name -> torch.optim.Adam keyword arguments ("adamw": use AdamW).
 CONFIGS = {
-    "default": {},
-    "weight_decay": {"weight_decay": 0.01},  # Adam's coupled L2
-    "amsgrad": {"amsgrad": True},
-    "maximize": {"maximize": True},
-    "custom": {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6},
-    "combined": {"lr": 3e-3, "betas": (0.95, 0.9999), "weight_decay": 0.1, "amsgrad": True,
-                 "maximize": True},
-    "adamw": {"adamw": True},
-    "adamw_amsgrad": {"adamw": True, "lr": 0.01, "weight_decay": 0.1, "amsgrad": True},
+  "default": {},
+  "weight_decay": {"weight_decay": 0.01},  # Adam's coupled L2
+  "amsgrad": {"amsgrad": True},
+  "maximize": {"maximize": True},
+  "custom": {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6},
+  "combined": {
+    "lr": 3e-3,
+    "betas": (0.95, 0.9999),
+    "weight_decay": 0.1,
+    "amsgrad": True,
+    "maximize": True,
+  },
+  "adamw": {"adamw": True},
+  "adamw_amsgrad": {"adamw": True, "lr": 0.01, "weight_decay": 0.1, "amsgrad": True},
 }
 ADAM_CONFIGS = sorted(k for k in CONFIGS if not CONFIGS[k].get("adamw"))
 ADAMW_CONFIGS = sorted(k for k in CONFIGS if CONFIGS[k].get("adamw"))
@@ -143,8 +148,9 @@ def _ours(tx, amsgrad=False, jit=True, steps=STEPS):
 
 def _ulps(ours, ref, steps=None):
   """Max ulps per recorded quantity over every step and element."""
-  return {f: max(int(ulp_distance(ours[f][k], ref[f][k][:steps]).max()) for k in ref[f])
-          for f in ref}
+  return {
+    f: max(int(ulp_distance(ours[f][k], ref[f][k][:steps]).max()) for k in ref[f]) for f in ref
+  }
 
 
 def _crossings(ref_params, params0):
@@ -168,8 +174,9 @@ def _crossings(ref_params, params0):
 def _step_scale(prev, new):
   """float32 ulp of the largest of |p|, |p_new| and |p_new - p|: what one step can be off by."""
   prev, new = prev.astype(np.float64), new.astype(np.float64)
-  return np.spacing(np.maximum.reduce([np.abs(prev), np.abs(new), np.abs(new - prev)]).astype(
-      np.float32)).astype(np.float64)
+  return np.spacing(
+    np.maximum.reduce([np.abs(prev), np.abs(new), np.abs(new - prev)]).astype(np.float32)
+  ).astype(np.float64)
 
 
 def _assert_adamw_params_exact_until_crossing(ours, ref, params0):
@@ -188,9 +195,16 @@ def _assert_adamw_params_exact_until_crossing(ours, ref, params0):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("betas,lr", [((0.9, 0.999), 1e-3), ((0.8, 0.99), 0.01),
-                                      ((0.5, 0.9999), 3e-4), ((0.99, 0.9), 1.0),
-                                      ((0.0, 0.999999), 0.1)])
+@pytest.mark.parametrize(
+  "betas,lr",
+  [
+    ((0.9, 0.999), 1e-3),
+    ((0.8, 0.99), 0.01),
+    ((0.5, 0.9999), 3e-4),
+    ((0.99, 0.9), 1.0),
+    ((0.0, 0.999999), 0.1),
+  ],
+)
 def test_bias_corrections_equal_float64_rounded_for_every_step_to_100000(betas, lr):
   """PyTorch: `step_size = lr / (1 - beta1**step)`, `(1 - beta2**step)**0.5`, in float64."""
   b1, b2 = betas
@@ -198,9 +212,10 @@ def test_bias_corrections_equal_float64_rounded_for_every_step_to_100000(betas, 
 
   def scalars(t):
     r = _common.make_rounder(True, t - 1)
-    return (_torch_adam._df_div_to_f32(r, _torch_adam._df(lr),
-                                       _torch_adam._bias_correction(r, b1, t)),
-            _torch_adam._df_sqrt_to_f32(r, _torch_adam._bias_correction(r, b2, t)))
+    return (
+      _torch_adam._df_div_to_f32(r, _torch_adam._df(lr), _torch_adam._bias_correction(r, b1, t)),
+      _torch_adam._df_sqrt_to_f32(r, _torch_adam._bias_correction(r, b2, t)),
+    )
 
   ours = jax.jit(jax.vmap(scalars))(jnp.asarray(steps, jnp.int32))
   t = steps.astype(np.float64)
@@ -221,8 +236,11 @@ def test_decay_factor_equals_float64_rounded():
   lrs = (10.0 ** rng.uniform(-6, 0, 2000)).astype(np.float32)
   wds = (10.0 ** rng.uniform(-5, 0, 2000)).astype(np.float32)
   rounder = _common.make_rounder(True, jnp.zeros([], jnp.int32))
-  ours = jax.jit(jax.vmap(lambda lr, wd, count: _torch_adam._decay_factor(
-      _common.make_rounder(True, count), lr, wd)))(lrs, wds, jnp.zeros(lrs.shape, jnp.int32))
+  ours = jax.jit(
+    jax.vmap(
+      lambda lr, wd, count: _torch_adam._decay_factor(_common.make_rounder(True, count), lr, wd)
+    )
+  )(lrs, wds, jnp.zeros(lrs.shape, jnp.int32))
   expected = (1.0 - lrs.astype(np.float64) * wds.astype(np.float64)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(ours), expected)
   assert float(_torch_adam._decay_factor(rounder, 1e-3, 0.01)) == np.float32(1.0 - 1e-3 * 0.01)
@@ -235,17 +253,20 @@ def test_fma_emulation_rounds_once(jit):
 
   def rand(lo, hi):
     return (np.where(rng.random(n) < 0.5, -1.0, 1.0) * 2.0 ** rng.uniform(lo, hi, n)).astype(
-        np.float32)
+      np.float32
+    )
 
   a, b = rand(-40, 40), rand(-40, 40)
   a[: n // 10] = np.float32(2 - 2**-23)  # all-ones significands stress the split
   a[:4] = b[:4] = np.float32(1 + 2**-12)  # a*b = 1 + 2**-11 + 2**-24: a tie when c = 0
   product = a.astype(np.float64) * b  # exact in float64
-  c = np.where(rng.random(n) < 0.5, (-product * (1 + rng.normal(0, 1e-6, n))).astype(np.float32),
-               rand(-60, 60))
+  c = np.where(
+    rng.random(n) < 0.5, (-product * (1 + rng.normal(0, 1e-6, n))).astype(np.float32), rand(-60, 60)
+  )
   c[:4] = [0.0, 2**-24, -(2**-24), 1.0]
   exact_sum = product + c
   exact = (exact_sum - c == product) & (exact_sum - product == c)  # float64 sum exact
+
   def fma(a, b, c, count):
     return _torch_adam._fma(_common.make_rounder(True, count), a, b, c)
 
@@ -260,7 +281,8 @@ def test_torch_cpu_kernels_as_modelled():
   """The kernel facts the preset relies on, checked on this machine's PyTorch."""
   rng = np.random.default_rng(0)
   x = (np.where(rng.random(1000) < 0.5, -1.0, 1.0) * 10.0 ** rng.uniform(-8, 2, 1000)).astype(
-      np.float32)
+    np.float32
+  )
   y, v = x[::-1].copy(), np.abs(x) * 1e-3
   w = np.float32(1 - 0.9)
 
@@ -272,12 +294,13 @@ def test_torch_cpu_kernels_as_modelled():
   if cap in ("AVX2", "AVX512"):
     np.testing.assert_array_equal(t(x.copy()).lerp_(t(y), 0.1).numpy(), fma(w, y - x, x))
     np.testing.assert_array_equal(
-        t(v.copy()).addcmul_(t(x), t(x), value=1 - 0.999).numpy(),
-        fma(np.float32(1 - 0.999) * x, x, v))
+      t(v.copy()).addcmul_(t(x), t(x), value=1 - 0.999).numpy(),
+      fma(np.float32(1 - 0.999) * x, x, v),
+    )
   # addcdiv is `self + (value * t1) / t2` with value rounded to float32.
   np.testing.assert_array_equal(
-      t(x.copy()).addcdiv_(t(y), t(v), value=-0.0123).numpy(),
-      x + (np.float32(-0.0123) * y) / v)
+    t(x.copy()).addcdiv_(t(y), t(v), value=-0.0123).numpy(), x + (np.float32(-0.0123) * y) / v
+  )
   # Division by a Python double divides by its float32 rounding.
   np.testing.assert_array_equal((t(v) / 0.0316227766).numpy(), v / np.float32(0.0316227766))
   # MKL's root is not IEEE on x86 wheels (this documents it; builds without MKL are exact).
@@ -307,7 +330,8 @@ def test_torch_adamw_matches_torch(config):
   ours, ref = _ours(_tx(CONFIGS[config]), amsgrad), _torch(config)
   ulps = _ulps(ours, ref)
   assert {f: u for f, u in ulps.items() if f != "params"} == dict.fromkeys(
-      [f for f in ulps if f != "params"], 0)
+    [f for f in ulps if f != "params"], 0
+  )
   _assert_adamw_params_exact_until_crossing(ours, ref, _inputs()[0])
 
 
@@ -327,8 +351,9 @@ def test_eager_equals_jit_and_torch(config):
   eager = run_optax(_tx(CONFIGS[config]), params, grads, jit=False, fields=fields)
   jitted = run_optax(_tx(CONFIGS[config]), params, grads, jit=True, fields=fields)
   assert _ulps(eager, jitted) == dict.fromkeys(jitted, 0)
-  ref = {f: {k: v[:steps] for k, v in per.items() if k in names}
-         for f, per in _torch(config).items()}
+  ref = {
+    f: {k: v[:steps] for k, v in per.items() if k in names} for f, per in _torch(config).items()
+  }
   if CONFIGS[config].get("adamw"):
     assert _ulps(eager, ref)["nu"] == 0
     _assert_adamw_params_exact_until_crossing(eager, ref, params)
@@ -344,12 +369,16 @@ def _one_step_from(ref, config):
     cfg = {"weight_decay": 0.01, "decoupled_weight_decay": True} | cfg  # AdamW's defaults
   tx = scale_by_torch_adam(**cfg)
   # PyTorch's state before each step: the initial parameters and zero slots, then its records.
-  first = {"params": params0} | {f: {k: np.zeros_like(params0[k]) for k in SHAPES}
-                                 for f in ref if f != "params"}
-  prev = {f: {k: np.concatenate([first[f][k][None], ref[f][k][:-1]]) for k in SHAPES}
-          for f in ref}
-  state = ScaleByTorchAdamState(count=jnp.arange(STEPS, dtype=jnp.int32), mu=prev["mu"],
-                                nu=prev["nu"], nu_max=prev.get("nu_max"))
+  first = {"params": params0} | {
+    f: {k: np.zeros_like(params0[k]) for k in SHAPES} for f in ref if f != "params"
+  }
+  prev = {f: {k: np.concatenate([first[f][k][None], ref[f][k][:-1]]) for k in SHAPES} for f in ref}
+  state = ScaleByTorchAdamState(
+    count=jnp.arange(STEPS, dtype=jnp.int32),
+    mu=prev["mu"],
+    nu=prev["nu"],
+    nu_max=prev.get("nu_max"),
+  )
 
   def one_step(g, state, p):
     step, state = tx.update(g, state, p)
@@ -408,11 +437,13 @@ def test_fused_multiply_add_false_matches_torch_without_vector_fma(tmp_path):
   """PyTorch with ATEN_CPU_CAPABILITY=default (set before import, so in a subprocess) rounds
   every product; `fused_multiply_add=False` reproduces it."""
   repo = pathlib.Path(__file__).resolve().parents[1]
-  env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
-             PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests")]))
+  env = dict(
+    os.environ,
+    ATEN_CPU_CAPABILITY="default",
+    PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests")]),
+  )
   out = tmp_path / "torch_default.npz"
-  subprocess.run([sys.executable, __file__, str(out)], check=True, env=env, cwd=repo,
-                 timeout=300)
+  subprocess.run([sys.executable, __file__, str(out)], check=True, env=env, cwd=repo, timeout=300)
   saved = np.load(out)
   assert str(saved["capability"]) == "DEFAULT"
   ref = {"params": {}, "mu": {}, "nu": {}}
@@ -429,9 +460,11 @@ def test_fused_multiply_add_false_matches_torch_without_vector_fma(tmp_path):
 
 @pytest.mark.parametrize("other", ["optax.adam", "adamjax.adam", "torch_adam(fma=False)"])
 def test_negative_control_other_adams_miss_the_bound(other):
-  tx = {"optax.adam": optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8),
-        "adamjax.adam": adamjax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8),
-        "torch_adam(fma=False)": torch_adam(fused_multiply_add=False)}[other]
+  tx = {
+    "optax.adam": optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8),
+    "adamjax.adam": adamjax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8),
+    "torch_adam(fma=False)": torch_adam(fused_multiply_add=False),
+  }[other]
   ulps = _ulps(_ours(tx), _torch("default"))
   assert ulps["params"] > 10 * ULP_BOUND, ulps
 
@@ -442,8 +475,9 @@ def test_schedule_matches_torch_lambda_lr():
   schedule = optax.piecewise_constant_schedule(1e-2, {20: 0.5, 60: 0.1, 150: 3.0})
   params, grads = _inputs()
   grads = {k: v[:200] for k, v in grads.items()}
-  ref = run_torch({"lr": 1.0, "weight_decay": 0.01}, params, grads,
-                  lr_lambda=lambda step: float(schedule(step)))
+  ref = run_torch(
+    {"lr": 1.0, "weight_decay": 0.01}, params, grads, lr_lambda=lambda step: float(schedule(step))
+  )
   ours = run_optax(torch_adam(schedule, weight_decay=0.01), params, grads)
   assert _ulps(ours, ref) == dict.fromkeys(ref, 0)
 
@@ -453,8 +487,9 @@ def test_inject_hyperparams_matches_torch_given_float32_values():
   grads = {k: v[:200] for k, v in grads.items()}
   tx = optax.inject_hyperparams(torch_adamw)(lr=3e-3, weight_decay=0.05, eps=1e-7)
   f32 = lambda x: float(np.float32(x))  # noqa: E731 - injected values are float32
-  ref = run_torch({"adamw": True, "lr": f32(3e-3), "weight_decay": f32(0.05), "eps": 1e-7},
-                  params, grads)
+  ref = run_torch(
+    {"adamw": True, "lr": f32(3e-3), "weight_decay": f32(0.05), "eps": 1e-7}, params, grads
+  )
   ours = run_optax(tx, params, grads)
   assert _ulps(ours, ref)["nu"] == 0
   _assert_adamw_params_exact_until_crossing(ours, ref, params)
@@ -466,27 +501,34 @@ def test_inject_hyperparams_matches_torch_given_float32_values():
 
 
 TRANSFORMS = {
-    "torch_adam": lambda lr: torch_adam(lr),
-    "torch_adam_amsgrad_wd": lambda lr: torch_adam(lr, weight_decay=1e-3, amsgrad=True),
-    "torch_adam_no_fma": lambda lr: torch_adam(lr, fused_multiply_add=False),
-    "torch_adamw": lambda lr: torch_adamw(lr, weight_decay=1e-4),
-    "scale_by_torch_adam": lambda lr: optax.chain(scale_by_torch_adam(lr), optax.scale(-1.0)),
+  "torch_adam": lambda lr: torch_adam(lr),
+  "torch_adam_amsgrad_wd": lambda lr: torch_adam(lr, weight_decay=1e-3, amsgrad=True),
+  "torch_adam_no_fma": lambda lr: torch_adam(lr, fused_multiply_add=False),
+  "torch_adamw": lambda lr: torch_adamw(lr, weight_decay=1e-4),
+  "scale_by_torch_adam": lambda lr: optax.chain(scale_by_torch_adam(lr), optax.scale(-1.0)),
 }
 names = pytest.mark.parametrize("name", sorted(TRANSFORMS))
 
 
 def _params(dtype=jnp.float32):
-  return {"dense": {"kernel": jnp.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(3, 4),
-                    "bias": jnp.zeros((4,), dtype)},
-          "scale": jnp.asarray(0.5, dtype)}
+  return {
+    "dense": {
+      "kernel": jnp.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(3, 4),
+      "bias": jnp.zeros((4,), dtype),
+    },
+    "scale": jnp.asarray(0.5, dtype),
+  }
 
 
 def _loss(params):
   return sum(jnp.sum((leaf.astype(jnp.float32) - 0.25) ** 2) for leaf in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("name,dtype", [(name, jnp.float32) for name in sorted(TRANSFORMS)]
-                         + [("torch_adam", jnp.bfloat16), ("torch_adamw", jnp.float16)])
+@pytest.mark.parametrize(
+  "name,dtype",
+  [(name, jnp.float32) for name in sorted(TRANSFORMS)]
+  + [("torch_adam", jnp.bfloat16), ("torch_adamw", jnp.float16)],
+)
 def test_jitted_step_keeps_shapes_dtypes_and_finite(name, dtype):
   tx = TRANSFORMS[name](1e-2)
   params = _params(dtype)
@@ -504,7 +546,7 @@ def test_jitted_step_keeps_shapes_dtypes_and_finite(name, dtype):
   for _ in range(3):
     new_params, state = step(new_params, state)
   assert len(traces) == 1 and step._cache_size() == 1  # no recompilation
-  for leaf, ref in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)):
+  for leaf, ref in zip(jax.tree.leaves(new_params), jax.tree.leaves(params), strict=True):
     assert leaf.shape == ref.shape and leaf.dtype == ref.dtype
     assert bool(jnp.all(jnp.isfinite(leaf.astype(jnp.float32))))
   assert int(optax.tree_utils.tree_get(state, "count")) == 3
@@ -527,8 +569,9 @@ def test_converges_on_quadratic(name):
 
 
 def test_composes_in_chain_and_inject_hyperparams_without_recompiling():
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.inject_hyperparams(torch_adam)(lr=1e-2, weight_decay=1e-3))
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0), optax.inject_hyperparams(torch_adam)(lr=1e-2, weight_decay=1e-3)
+  )
   traces = []
 
   @jax.jit
@@ -551,18 +594,25 @@ def test_state_names_follow_optax():
   state = torch_adam(amsgrad=True).init({"w": jnp.ones(2)})
   inner = state[0]
   assert isinstance(inner, ScaleByTorchAdamState) and inner._fields == (
-      "count", "mu", "nu", "nu_max")
+    "count",
+    "mu",
+    "nu",
+    "nu_max",
+  )
   assert torch_adam().init({"w": jnp.ones(2)})[0].nu_max is None
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     ({"lr": -1e-3}, "lr"),
     ({"betas": (1.0, 0.999)}, r"betas\[0\]"),
     ({"betas": (0.9, -0.1)}, r"betas\[1\]"),
     ({"betas": 0.9}, "pair"),
     ({"eps": -1.0}, "eps"),
     ({"weight_decay": -0.1}, "weight_decay"),
-])
+  ],
+)
 def test_invalid_hyperparameters_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     torch_adam(**kwargs)

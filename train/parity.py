@@ -86,18 +86,18 @@ import numpy as np
 # must not load JAX; the JAX side must not load TensorFlow. Each side imports its own framework.
 
 __all__ = [
-    "DROPOUT_MODES",
-    "PARAM_NAMES",
-    "ParityConfig",
-    "compare_params",
-    "dropout_scale",
-    "main",
-    "make_batches",
-    "make_dropout_masks",
-    "record_steps",
-    "run_jax",
-    "run_keras",
-    "run_parity",
+  "DROPOUT_MODES",
+  "PARAM_NAMES",
+  "ParityConfig",
+  "compare_params",
+  "dropout_scale",
+  "main",
+  "make_batches",
+  "make_dropout_masks",
+  "record_steps",
+  "run_jax",
+  "run_keras",
+  "run_parity",
 ]
 
 DROPOUT_MODES = ("off", "shared-masks")
@@ -110,44 +110,44 @@ DEFAULT_RUNS = Path("workdir", "parity")
 
 @dataclasses.dataclass(frozen=True)
 class ParityConfig:
-    """What to compare; the defaults are the Keras tutorial's and the issue's target."""
+  """What to compare; the defaults are the Keras tutorial's and the issue's target."""
 
-    steps: int = 1000
-    optimizer: str = "keras_adam"  # The JAX side: a key of train/mnist.py's OPTIMIZERS.
-    dropout: str = "off"  # One of DROPOUT_MODES.
-    dropout_rate: float = 0.2
-    seed: int = 0  # Keras's initial weights, the batch order and the dropout masks.
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    hidden: int = 128
-    data_source: str = "auto"  # A train/mnist.py data source; "synthetic" for tests.
-    data_dir: str | None = None
-    cache_dir: str | None = None
-    limit_train_examples: int | None = None
-    record_every: int = 1  # Compare parameters every this many steps (and at 1, 10, 100, ...).
-    tolerance: float = 1e-5  # On the largest relative parameter difference over recorded steps.
-    threads: int = 1  # TensorFlow's intra- and inter-op threads.
-    keras_eager: bool = False  # Run the Keras step op by op instead of in a tf.function.
-    plot: bool = True
+  steps: int = 1000
+  optimizer: str = "keras_adam"  # The JAX side: a key of train/mnist.py's OPTIMIZERS.
+  dropout: str = "off"  # One of DROPOUT_MODES.
+  dropout_rate: float = 0.2
+  seed: int = 0  # Keras's initial weights, the batch order and the dropout masks.
+  batch_size: int = 32
+  learning_rate: float = 1e-3
+  hidden: int = 128
+  data_source: str = "auto"  # A train/mnist.py data source; "synthetic" for tests.
+  data_dir: str | None = None
+  cache_dir: str | None = None
+  limit_train_examples: int | None = None
+  record_every: int = 1  # Compare parameters every this many steps (and at 1, 10, 100, ...).
+  tolerance: float = 1e-5  # On the largest relative parameter difference over recorded steps.
+  threads: int = 1  # TensorFlow's intra- and inter-op threads.
+  keras_eager: bool = False  # Run the Keras step op by op instead of in a tf.function.
+  plot: bool = True
 
 
 def _mnist():
-    """train/mnist.py, imported as this file was (package module or script beside it)."""
-    if __package__:
-        from train import mnist
-    else:  # Run as a script: train/ is sys.path[0].
-        import mnist
-    return mnist
+  """train/mnist.py, imported as this file was (package module or script beside it)."""
+  if __package__:
+    from train import mnist
+  else:  # Run as a script: train/ is sys.path[0].
+    import mnist
+  return mnist
 
 
 def dropout_scale(rate: float) -> np.float32:
-    """The float32 factor kept activations are multiplied by, as ``tf.nn`` dropout computes it.
+  """The float32 factor kept activations are multiplied by, as ``tf.nn`` dropout computes it.
 
-    TensorFlow forms ``1 / (1 - rate)`` in Python floats and converts it to the input's dtype
-    (``nn_ops._dropout``); Flax's and Keras-JAX's dropout divide by ``1 - rate`` instead, which
-    can differ by an ulp. Both sides here multiply by this one value.
-    """
-    return np.float32(1 / (1 - rate))
+  TensorFlow forms ``1 / (1 - rate)`` in Python floats and converts it to the input's dtype
+  (``nn_ops._dropout``); Flax's and Keras-JAX's dropout divide by ``1 - rate`` instead, which
+  can differ by an ulp. Both sides here multiply by this one value.
+  """
+  return np.float32(1 / (1 - rate))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,190 +155,214 @@ def dropout_scale(rate: float) -> np.float32:
 
 
 def record_steps(steps: int, every: int) -> np.ndarray:
-    """The 1-based steps whose parameters are compared: every ``every``-th, 1, 10, 100, ..., last.
+  """The 1-based steps whose parameters are compared: every ``every``-th, 1, 10, 100, ..., last.
 
-    Args:
-      steps: Number of training steps.
-      every: Record every this many steps (1: all of them).
+  Args:
+    steps: Number of training steps.
+    every: Record every this many steps (1: all of them).
 
-    Returns:
-      Sorted int64 array of distinct steps in ``1..steps``.
-    """
-    chosen = set(range(every, steps + 1, every)) | {steps}
-    chosen |= {10**k for k in range(len(str(steps))) if 10**k <= steps}
-    return np.array(sorted(chosen), dtype=np.int64)
+  Returns:
+    Sorted int64 array of distinct steps in ``1..steps``.
+  """
+  chosen = set(range(every, steps + 1, every)) | {steps}
+  chosen |= {10**k for k in range(len(str(steps))) if 10**k <= steps}
+  return np.array(sorted(chosen), dtype=np.int64)
 
 
 def make_batches(config: ParityConfig, data: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``config.steps`` training batches, in ``train/mnist.py``'s shuffled order.
+  """The first ``config.steps`` training batches, in ``train/mnist.py``'s shuffled order.
 
-    Epoch after epoch of ``mnist.epoch_batches(n, batch_size, seed, epoch)``; a final partial
-    batch is skipped, so every step averages over ``batch_size`` examples in both frameworks.
+  Epoch after epoch of ``mnist.epoch_batches(n, batch_size, seed, epoch)``; a final partial
+  batch is skipped, so every step averages over ``batch_size`` examples in both frameworks.
 
-    Args:
-      config: Uses ``steps``, ``batch_size`` and ``seed``.
-      data: ``mnist.Data`` (uint8 images [N, 28, 28], int32 labels [N]).
+  Args:
+    config: Uses ``steps``, ``batch_size`` and ``seed``.
+    data: ``mnist.Data`` (uint8 images [N, 28, 28], int32 labels [N]).
 
-    Returns:
-      ``(images, labels)``: uint8 [steps, batch, 28, 28] and int32 [steps, batch].
-    """
-    mnist = _mnist()
-    n = len(data.train_labels)
-    if n < config.batch_size:
-        raise ValueError(f"{n} training examples are fewer than one batch of {config.batch_size}")
-    rows: list[np.ndarray] = []
-    epoch = 0
-    while len(rows) < config.steps:
-        index, mask = mnist.epoch_batches(n, config.batch_size, config.seed, epoch)
-        rows.extend(index[i] for i in range(len(index)) if mask[i].all())
-        epoch += 1
-    index = np.stack(rows[:config.steps])
-    return data.train_images[index], data.train_labels[index].astype(np.int32)
+  Returns:
+    ``(images, labels)``: uint8 [steps, batch, 28, 28] and int32 [steps, batch].
+  """
+  mnist = _mnist()
+  n = len(data.train_labels)
+  if n < config.batch_size:
+    raise ValueError(f"{n} training examples are fewer than one batch of {config.batch_size}")
+  rows: list[np.ndarray] = []
+  epoch = 0
+  while len(rows) < config.steps:
+    index, mask = mnist.epoch_batches(n, config.batch_size, config.seed, epoch)
+    rows.extend(index[i] for i in range(len(index)) if mask[i].all())
+    epoch += 1
+  index = np.stack(rows[: config.steps])
+  return data.train_images[index], data.train_labels[index].astype(np.int32)
 
 
 def make_dropout_masks(config: ParityConfig) -> np.ndarray:
-    """Keep masks for the hidden layer, bool [steps, batch, hidden], True with probability 1-rate.
+  """Keep masks for the hidden layer, bool [steps, batch, hidden], True with probability 1-rate.
 
-    Drawn as TensorFlow draws them (a uniform sample ``u``, kept where ``u >= rate``), from a
-    NumPy stream of its own, so they depend only on the seed.
-    """
-    rng = np.random.default_rng([config.seed, 0xD809])
-    shape = (config.steps, config.batch_size, config.hidden)
-    return rng.random(shape, dtype=np.float32) >= np.float32(config.dropout_rate)
+  Drawn as TensorFlow draws them (a uniform sample ``u``, kept where ``u >= rate``), from a
+  NumPy stream of its own, so they depend only on the seed.
+  """
+  rng = np.random.default_rng([config.seed, 0xD809])
+  shape = (config.steps, config.batch_size, config.hidden)
+  return rng.random(shape, dtype=np.float32) >= np.float32(config.dropout_rate)
 
 
 # ---------------------------------------------------------------------------------------------
 # The Keras side (a subprocess on the TensorFlow backend).
 
 
-def run_keras(config: ParityConfig, images: np.ndarray, labels: np.ndarray,
-              masks: np.ndarray | None, recorded: np.ndarray, *,
-              timeout: float = 3600.0) -> dict[str, Any]:
-    """Trains the tutorial model in Keras on TensorFlow, in a subprocess, and returns its record.
+def run_keras(
+  config: ParityConfig,
+  images: np.ndarray,
+  labels: np.ndarray,
+  masks: np.ndarray | None,
+  recorded: np.ndarray,
+  *,
+  timeout: float = 3600.0,
+) -> dict[str, Any]:
+  """Trains the tutorial model in Keras on TensorFlow, in a subprocess, and returns its record.
 
-    Args:
-      config: Uses ``seed``, ``hidden``, ``dropout_rate``, ``learning_rate``, ``threads``,
-        ``keras_eager``.
-      images: uint8 [steps, batch, 28, 28]; Keras scales them by 1/255 as the tutorial does.
-      labels: int32 [steps, batch].
-      masks: bool [steps, batch, hidden] keep masks (shared-masks mode), or None (no dropout).
-      recorded: The 1-based steps after which to record the parameters.
-      timeout: Seconds before the worker is killed.
+  Args:
+    config: Uses ``seed``, ``hidden``, ``dropout_rate``, ``learning_rate``, ``threads``,
+      ``keras_eager``.
+    images: uint8 [steps, batch, 28, 28]; Keras scales them by 1/255 as the tutorial does.
+    labels: int32 [steps, batch].
+    masks: bool [steps, batch, hidden] keep masks (shared-masks mode), or None (no dropout).
+    recorded: The 1-based steps after which to record the parameters.
+    timeout: Seconds before the worker is killed.
 
-    Returns:
-      ``{"init": {name: array}, "params": {name: [len(recorded), *shape]}, "loss": f32 [steps],
-      "grads_step1": {name: array}, "iterations": int, "versions": {...}, "seconds": float}``,
-      names as in ``PARAM_NAMES``.
-    """
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    with tempfile.TemporaryDirectory(prefix="parity_keras_") as tmp:
-        tmp = Path(tmp)
-        spec = {
-            "inputs": str(tmp / "inputs.npz"), "output": str(tmp / "output.npz"),
-            "seed": config.seed, "hidden": config.hidden, "dropout_rate": config.dropout_rate,
-            "learning_rate": config.learning_rate, "threads": config.threads,
-            "eager": config.keras_eager, "recorded": [int(s) for s in recorded],
-        }
-        arrays = {"images": images, "labels": labels}
-        if masks is not None:
-            arrays["masks"] = masks
-        np.savez(spec["inputs"], **arrays)
-        (tmp / "spec.json").write_text(json.dumps(spec))
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--keras-worker",
-             str(tmp / "spec.json")],
-            env=env, capture_output=True, text=True, timeout=timeout, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the Keras worker failed (exit code {proc.returncode}):\n"
-                               f"{proc.stderr[-4000:]}")
-        seconds = time.perf_counter() - start
-        with np.load(spec["output"], allow_pickle=False) as out:
-            record = {
-                "init": {n: out[f"init/{n}"] for n in PARAM_NAMES},
-                "params": {n: out[f"params/{n}"] for n in PARAM_NAMES},
-                "grads_step1": {n: out[f"grads_step1/{n}"] for n in PARAM_NAMES},
-                "loss": out["loss"],
-                "iterations": int(out["iterations"]),
-            }
-        record["versions"] = json.loads((tmp / "versions.json").read_text())
-    record["seconds"] = seconds
-    return record
+  Returns:
+    ``{"init": {name: array}, "params": {name: [len(recorded), *shape]}, "loss": f32 [steps],
+    "grads_step1": {name: array}, "iterations": int, "versions": {...}, "seconds": float}``,
+    names as in ``PARAM_NAMES``.
+  """
+  env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+  with tempfile.TemporaryDirectory(prefix="parity_keras_") as tmp:
+    tmp = Path(tmp)
+    spec = {
+      "inputs": str(tmp / "inputs.npz"),
+      "output": str(tmp / "output.npz"),
+      "seed": config.seed,
+      "hidden": config.hidden,
+      "dropout_rate": config.dropout_rate,
+      "learning_rate": config.learning_rate,
+      "threads": config.threads,
+      "eager": config.keras_eager,
+      "recorded": [int(s) for s in recorded],
+    }
+    arrays = {"images": images, "labels": labels}
+    if masks is not None:
+      arrays["masks"] = masks
+    np.savez(spec["inputs"], **arrays)
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    start = time.perf_counter()
+    proc = subprocess.run(
+      [sys.executable, str(Path(__file__).resolve()), "--keras-worker", str(tmp / "spec.json")],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+    )
+    if proc.returncode != 0:
+      raise RuntimeError(
+        f"the Keras worker failed (exit code {proc.returncode}):\n{proc.stderr[-4000:]}"
+      )
+    seconds = time.perf_counter() - start
+    with np.load(spec["output"], allow_pickle=False) as out:
+      record = {
+        "init": {n: out[f"init/{n}"] for n in PARAM_NAMES},
+        "params": {n: out[f"params/{n}"] for n in PARAM_NAMES},
+        "grads_step1": {n: out[f"grads_step1/{n}"] for n in PARAM_NAMES},
+        "loss": out["loss"],
+        "iterations": int(out["iterations"]),
+      }
+    record["versions"] = json.loads((tmp / "versions.json").read_text())
+  record["seconds"] = seconds
+  return record
 
 
 def _keras_worker(spec_path: str) -> None:
-    """The subprocess side of :func:`run_keras`: reads the spec, trains, writes the record."""
-    import keras
-    import tensorflow as tf
+  """The subprocess side of :func:`run_keras`: reads the spec, trains, writes the record."""
+  import keras
+  import tensorflow as tf
 
-    if keras.backend.backend() != "tensorflow":
-        sys.exit(f"the Keras worker needs KERAS_BACKEND=tensorflow, Keras is on "
-                 f"{keras.backend.backend()!r}")
-    spec = json.loads(Path(spec_path).read_text())
-    # Before any op runs; TensorFlow fixes its thread pools at the first op.
-    tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
-    tf.config.threading.set_inter_op_parallelism_threads(spec["threads"])
-    with np.load(spec["inputs"], allow_pickle=False) as data:
-        images, labels = data["images"], data["labels"]
-        masks = data["masks"] if "masks" in data.files else None
+  if keras.backend.backend() != "tensorflow":
+    sys.exit(
+      f"the Keras worker needs KERAS_BACKEND=tensorflow, Keras is on {keras.backend.backend()!r}"
+    )
+  spec = json.loads(Path(spec_path).read_text())
+  # Before any op runs; TensorFlow fixes its thread pools at the first op.
+  tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
+  tf.config.threading.set_inter_op_parallelism_threads(spec["threads"])
+  with np.load(spec["inputs"], allow_pickle=False) as data:
+    images, labels = data["images"], data["labels"]
+    masks = data["masks"] if "masks" in data.files else None
 
-    keras.utils.set_random_seed(spec["seed"])
-    model = keras.Sequential([
-        keras.Input((28, 28)),
-        keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(spec["hidden"], activation="relu", name="dense"),
-        keras.layers.Dropout(spec["dropout_rate"], name="dropout"),
-        keras.layers.Dense(10, name="dense_1"),
-    ])
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=spec["learning_rate"]),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    named = {f"{layer.name}/{v.name}": v for layer in model.layers for v in layer.weights}
-    if tuple(named) != PARAM_NAMES:
-        sys.exit(f"unexpected Keras variables {list(named)}, expected {list(PARAM_NAMES)}")
-    variables = list(named.values())
-    flatten, dense, dense_1 = (model.get_layer(n) for n in ("flatten", "dense", "dense_1"))
-    scale = tf.constant(dropout_scale(spec["dropout_rate"]))
+  keras.utils.set_random_seed(spec["seed"])
+  model = keras.Sequential(
+    [
+      keras.Input((28, 28)),
+      keras.layers.Flatten(name="flatten"),
+      keras.layers.Dense(spec["hidden"], activation="relu", name="dense"),
+      keras.layers.Dropout(spec["dropout_rate"], name="dropout"),
+      keras.layers.Dense(10, name="dense_1"),
+    ]
+  )
+  model.compile(
+    optimizer=keras.optimizers.Adam(learning_rate=spec["learning_rate"]),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
+  named = {f"{layer.name}/{v.name}": v for layer in model.layers for v in layer.weights}
+  if tuple(named) != PARAM_NAMES:
+    sys.exit(f"unexpected Keras variables {list(named)}, expected {list(PARAM_NAMES)}")
+  variables = list(named.values())
+  flatten, dense, dense_1 = (model.get_layer(n) for n in ("flatten", "dense", "dense_1"))
+  scale = tf.constant(dropout_scale(spec["dropout_rate"]))
 
-    def forward(x, keep):
-        if keep is None:
-            return model(x, training=False)  # The Dropout layer is the identity.
-        h = dense(flatten(x))  # Dense applies its relu.
-        # tf.nn dropout's arithmetic with a given mask: scale first, then zero the dropped.
-        h = tf.where(keep, h * scale, tf.zeros_like(h))
-        return dense_1(h)
+  def forward(x, keep):
+    if keep is None:
+      return model(x, training=False)  # The Dropout layer is the identity.
+    h = dense(flatten(x))  # Dense applies its relu.
+    # tf.nn dropout's arithmetic with a given mask: scale first, then zero the dropped.
+    h = tf.where(keep, h * scale, tf.zeros_like(h))
+    return dense_1(h)
 
-    def train_step(x, y, keep):
-        with tf.GradientTape() as tape:
-            loss = model.loss(y, forward(x, keep))
-        grads = tape.gradient(loss, variables)
-        model.optimizer.apply_gradients(zip(grads, variables))
-        return loss, grads
+  def train_step(x, y, keep):
+    with tf.GradientTape() as tape:
+      loss = model.loss(y, forward(x, keep))
+    grads = tape.gradient(loss, variables)
+    model.optimizer.apply_gradients(zip(grads, variables, strict=True))
+    return loss, grads
 
-    if not spec["eager"]:  # As Model.fit runs its train step (no XLA on CPU: jit_compile off).
-        train_step = tf.function(train_step, jit_compile=False)
+  if not spec["eager"]:  # As Model.fit runs its train step (no XLA on CPU: jit_compile off).
+    train_step = tf.function(train_step, jit_compile=False)
 
-    out = {f"init/{n}": v.numpy() for n, v in named.items()}
-    recorded = set(spec["recorded"])
-    params: dict[str, list[np.ndarray]] = {n: [] for n in named}
-    losses = []
-    for t in range(len(labels)):
-        # The tutorial's `x / 255.0` (float64 in NumPy), cast to float32 as Keras casts inputs.
-        x = tf.constant((images[t] / 255.0).astype(np.float32))
-        keep = None if masks is None else tf.constant(masks[t])
-        loss, grads = train_step(x, tf.constant(labels[t]), keep)
-        losses.append(np.float32(loss.numpy()))
-        if t == 0:
-            out.update({f"grads_step1/{n}": g.numpy() for n, g in zip(named, grads)})
-        if t + 1 in recorded:
-            for n, v in named.items():
-                params[n].append(v.numpy())  # .numpy() copies; the variable updates in place.
-    out.update({f"params/{n}": np.stack(p) for n, p in params.items()})
-    out["loss"] = np.array(losses, np.float32)
-    out["iterations"] = np.int64(model.optimizer.iterations.numpy())
-    np.savez(spec["output"], **out)
-    versions = {"keras": keras.__version__, "tensorflow": tf.__version__,
-                "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
-    Path(spec["output"]).with_name("versions.json").write_text(json.dumps(versions))
+  out = {f"init/{n}": v.numpy() for n, v in named.items()}
+  recorded = set(spec["recorded"])
+  params: dict[str, list[np.ndarray]] = {n: [] for n in named}
+  losses = []
+  for t in range(len(labels)):
+    # The tutorial's `x / 255.0` (float64 in NumPy), cast to float32 as Keras casts inputs.
+    x = tf.constant((images[t] / 255.0).astype(np.float32))
+    keep = None if masks is None else tf.constant(masks[t])
+    loss, grads = train_step(x, tf.constant(labels[t]), keep)
+    losses.append(np.float32(loss.numpy()))
+    if t == 0:
+      out.update({f"grads_step1/{n}": g.numpy() for n, g in zip(named, grads, strict=True)})
+    if t + 1 in recorded:
+      for n, v in named.items():
+        params[n].append(v.numpy())  # .numpy() copies; the variable updates in place.
+  out.update({f"params/{n}": np.stack(p) for n, p in params.items()})
+  out["loss"] = np.array(losses, np.float32)
+  out["iterations"] = np.int64(model.optimizer.iterations.numpy())
+  np.savez(spec["output"], **out)
+  versions = {
+    "keras": keras.__version__,
+    "tensorflow": tf.__version__,
+    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+  }
+  Path(spec["output"]).with_name("versions.json").write_text(json.dumps(versions))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,124 +370,143 @@ def _keras_worker(spec_path: str) -> None:
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{"dense/kernel": x}`` -> ``{"dense": {"kernel": x}}`` (the MLP's parameter tree)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, value in flat.items():
-        layer, var = name.split("/")
-        out.setdefault(layer, {})[var] = value
-    return out
+  """``{"dense/kernel": x}`` -> ``{"dense": {"kernel": x}}`` (the MLP's parameter tree)."""
+  out: dict[str, dict[str, Any]] = {}
+  for name, value in flat.items():
+    layer, var = name.split("/")
+    out.setdefault(layer, {})[var] = value
+  return out
 
 
 def _flat(tree: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The inverse of :func:`_nest`, as host copies (``np.array`` copies: the device buffers
-    may be donated to the next step)."""
-    return {f"{layer}/{var}": np.array(value) for layer, vars_ in tree.items()
-            for var, value in vars_.items()}
+  """The inverse of :func:`_nest`, as host copies (``np.array`` copies: the device buffers
+  may be donated to the next step)."""
+  return {
+    f"{layer}/{var}": np.array(value)
+    for layer, vars_ in tree.items()
+    for var, value in vars_.items()
+  }
 
 
-def run_jax(config: ParityConfig, init: dict[str, np.ndarray], images: np.ndarray,
-            labels: np.ndarray, masks: np.ndarray | None, recorded: np.ndarray,
-            keras_grads_step1: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Trains ``train/mnist.py``'s ``MLP`` from ``init`` with ``config.optimizer`` in JAX.
+def run_jax(
+  config: ParityConfig,
+  init: dict[str, np.ndarray],
+  images: np.ndarray,
+  labels: np.ndarray,
+  masks: np.ndarray | None,
+  recorded: np.ndarray,
+  keras_grads_step1: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+  """Trains ``train/mnist.py``'s ``MLP`` from ``init`` with ``config.optimizer`` in JAX.
 
-    One jitted step (forward, loss, gradients, optimizer update) per batch, parameters and
-    optimizer state donated, as ``train/mnist.py`` trains.
+  One jitted step (forward, loss, gradients, optimizer update) per batch, parameters and
+  optimizer state donated, as ``train/mnist.py`` trains.
 
-    Args:
-      config: Uses ``optimizer``, ``learning_rate``, ``hidden``, ``dropout_rate``, ``seed``.
-      init: Initial parameters by name (``PARAM_NAMES``), from Keras.
-      images: uint8 [steps, batch, 28, 28], scaled on device with ``mnist.scale_pixels``.
-      labels: int32 [steps, batch].
-      masks: bool [steps, batch, hidden] keep masks, or None (no dropout).
-      recorded: The 1-based steps after which to record the parameters.
-      keras_grads_step1: Keras's gradients at step 1, by name (optional). The optimizer alone
-        is then also applied to them, from ``init``: the parameters after that one update
-        separate the optimizer's share of the step-1 difference from the gradients' share.
+  Args:
+    config: Uses ``optimizer``, ``learning_rate``, ``hidden``, ``dropout_rate``, ``seed``.
+    init: Initial parameters by name (``PARAM_NAMES``), from Keras.
+    images: uint8 [steps, batch, 28, 28], scaled on device with ``mnist.scale_pixels``.
+    labels: int32 [steps, batch].
+    masks: bool [steps, batch, hidden] keep masks, or None (no dropout).
+    recorded: The 1-based steps after which to record the parameters.
+    keras_grads_step1: Keras's gradients at step 1, by name (optional). The optimizer alone
+      is then also applied to them, from ``init``: the parameters after that one update
+      separate the optimizer's share of the step-1 difference from the gradients' share.
 
-    Returns:
-      ``{"params": {name: [len(recorded), *shape]}, "loss": f32 [steps],
-      "grads_step1": {name: array}, "step1_from_keras_grads": {name: array} or None,
-      "count": int (the optimizer's step counter, if it has one), "pixels_match_keras": bool,
-      "seconds": float}``.
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
+  Returns:
+    ``{"params": {name: [len(recorded), *shape]}, "loss": f32 [steps],
+    "grads_step1": {name: array}, "step1_from_keras_grads": {name: array} or None,
+    "count": int (the optimizer's step counter, if it has one), "pixels_match_keras": bool,
+    "seconds": float}``.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
 
-    mnist = _mnist()
-    start = time.perf_counter()
-    # The tutorial's x / 255.0 in float32, which the Keras worker feeds, must be exactly what
-    # train/mnist.py's pixel table gives; otherwise the runs differ before the first step.
-    pixels = np.arange(256, dtype=np.uint8)
-    pixels_match = bool(np.array_equal(np.asarray(mnist.scale_pixels(pixels)),
-                                       (pixels / 255.0).astype(np.float32)))
+  mnist = _mnist()
+  start = time.perf_counter()
+  # The tutorial's x / 255.0 in float32, which the Keras worker feeds, must be exactly what
+  # train/mnist.py's pixel table gives; otherwise the runs differ before the first step.
+  pixels = np.arange(256, dtype=np.uint8)
+  pixels_match = bool(
+    np.array_equal(np.asarray(mnist.scale_pixels(pixels)), (pixels / 255.0).astype(np.float32))
+  )
 
-    model = mnist.MLP(config.hidden, config.dropout_rate, rngs=nnx.Rngs(params=config.seed))
-    graphdef, own = nnx.split(model, nnx.Param)
-    own = nnx.to_pure_dict(own)
-    mine = _flat(own)
-    if set(mine) != set(PARAM_NAMES):
-        raise ValueError(f"MLP parameters {sorted(mine)}, expected {sorted(PARAM_NAMES)}")
-    for name in PARAM_NAMES:  # Keras's weights must fit the Flax model exactly.
-        if mine[name].shape != init[name].shape or mine[name].dtype != init[name].dtype:
-            raise ValueError(f"{name}: Keras {init[name].shape} {init[name].dtype}, "
-                             f"MLP {mine[name].shape} {mine[name].dtype}")
-    params = jax.tree.map(jnp.asarray, _nest(init))
-    tx = mnist.OPTIMIZERS[config.optimizer](config.learning_rate)
-    opt_state = tx.init(params)
-    scale = dropout_scale(config.dropout_rate)
+  model = mnist.MLP(config.hidden, config.dropout_rate, rngs=nnx.Rngs(params=config.seed))
+  graphdef, own = nnx.split(model, nnx.Param)
+  own = nnx.to_pure_dict(own)
+  mine = _flat(own)
+  if set(mine) != set(PARAM_NAMES):
+    raise ValueError(f"MLP parameters {sorted(mine)}, expected {sorted(PARAM_NAMES)}")
+  for name in PARAM_NAMES:  # Keras's weights must fit the Flax model exactly.
+    if mine[name].shape != init[name].shape or mine[name].dtype != init[name].dtype:
+      raise ValueError(
+        f"{name}: Keras {init[name].shape} {init[name].dtype}, "
+        f"MLP {mine[name].shape} {mine[name].dtype}"
+      )
+  params = jax.tree.map(jnp.asarray, _nest(init))
+  tx = mnist.OPTIMIZERS[config.optimizer](config.learning_rate)
+  opt_state = tx.init(params)
+  scale = dropout_scale(config.dropout_rate)
 
-    def loss_fn(params, images, labels, keep):
-        model = nnx.merge(graphdef, params)
-        x = mnist.scale_pixels(images)
-        if keep is None:
-            logits = model(x)  # No dropout key: MLP's dropout is the identity.
-        else:
-            h = nnx.relu(model.dense(x.reshape(x.shape[0], -1)))
-            # The same arithmetic as the Keras worker (tf.nn dropout with a given mask).
-            h = jnp.where(keep, h * scale, jnp.zeros_like(h))
-            logits = model.dense_1(h)
-        # train/mnist.py's loss: optax's softmax cross-entropy, the mean over the batch.
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  def loss_fn(params, images, labels, keep):
+    model = nnx.merge(graphdef, params)
+    x = mnist.scale_pixels(images)
+    if keep is None:
+      logits = model(x)  # No dropout key: MLP's dropout is the identity.
+    else:
+      h = nnx.relu(model.dense(x.reshape(x.shape[0], -1)))
+      # The same arithmetic as the Keras worker (tf.nn dropout with a given mask).
+      h = jnp.where(keep, h * scale, jnp.zeros_like(h))
+      logits = model.dense_1(h)
+    # train/mnist.py's loss: optax's softmax cross-entropy, the mean over the batch.
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
-    def step(params, opt_state, images, labels, keep):
-        loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, keep)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, grads
+  def step(params, opt_state, images, labels, keep):
+    loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, keep)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, grads
 
-    def update_only(params, opt_state, grads):
-        updates, _ = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates)
+  def update_only(params, opt_state, grads):
+    updates, _ = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates)
 
-    step1_from_keras_grads = None
-    if keras_grads_step1 is not None:
-        # The state is an argument, not tx.init inside the jit: with the zero moments as
-        # compile-time constants, XLA's simplifier folds them and reassociates the constant
-        # products (g * 0.1 * alpha -> g * (0.1 * alpha)), which rounds differently.
-        after = jax.jit(update_only)(params, opt_state, _nest(keras_grads_step1))
-        step1_from_keras_grads = _flat(after)
-    step = jax.jit(step, donate_argnums=(0, 1))  # After update_only: params are donated.
-    recorded_set = {int(s) for s in recorded}
-    history: dict[str, list[np.ndarray]] = {n: [] for n in PARAM_NAMES}
-    losses = np.zeros(len(labels), np.float32)
-    grads_step1: dict[str, np.ndarray] = {}
-    for t in range(len(labels)):
-        keep = None if masks is None else masks[t]
-        params, opt_state, loss, grads = step(params, opt_state, images[t], labels[t], keep)
-        losses[t] = loss
-        if t == 0:
-            grads_step1 = _flat(grads)
-        if t + 1 in recorded_set:
-            for n, value in _flat(params).items():
-                history[n].append(value)
-    counts = [leaf for leaf in jax.tree.leaves(opt_state)
-              if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.integer)
-              and leaf.ndim == 0]
-    return {"params": {n: np.stack(h) for n, h in history.items()}, "loss": losses,
-            "grads_step1": grads_step1, "step1_from_keras_grads": step1_from_keras_grads,
-            "count": int(counts[0]) if counts else None,
-            "pixels_match_keras": pixels_match, "seconds": time.perf_counter() - start}
+  step1_from_keras_grads = None
+  if keras_grads_step1 is not None:
+    # The state is an argument, not tx.init inside the jit: with the zero moments as
+    # compile-time constants, XLA's simplifier folds them and reassociates the constant
+    # products (g * 0.1 * alpha -> g * (0.1 * alpha)), which rounds differently.
+    after = jax.jit(update_only)(params, opt_state, _nest(keras_grads_step1))
+    step1_from_keras_grads = _flat(after)
+  step = jax.jit(step, donate_argnums=(0, 1))  # After update_only: params are donated.
+  recorded_set = {int(s) for s in recorded}
+  history: dict[str, list[np.ndarray]] = {n: [] for n in PARAM_NAMES}
+  losses = np.zeros(len(labels), np.float32)
+  grads_step1: dict[str, np.ndarray] = {}
+  for t in range(len(labels)):
+    keep = None if masks is None else masks[t]
+    params, opt_state, loss, grads = step(params, opt_state, images[t], labels[t], keep)
+    losses[t] = loss
+    if t == 0:
+      grads_step1 = _flat(grads)
+    if t + 1 in recorded_set:
+      for n, value in _flat(params).items():
+        history[n].append(value)
+  counts = [
+    leaf
+    for leaf in jax.tree.leaves(opt_state)
+    if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.integer) and leaf.ndim == 0
+  ]
+  return {
+    "params": {n: np.stack(h) for n, h in history.items()},
+    "loss": losses,
+    "grads_step1": grads_step1,
+    "step1_from_keras_grads": step1_from_keras_grads,
+    "count": int(counts[0]) if counts else None,
+    "pixels_match_keras": pixels_match,
+    "seconds": time.perf_counter() - start,
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,206 +514,262 @@ def run_jax(config: ParityConfig, init: dict[str, np.ndarray], images: np.ndarra
 
 
 def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float32 distance in units in the last place (consecutive floats are 1 apart, +0 = -0)."""
+  """float32 distance in units in the last place (consecutive floats are 1 apart, +0 = -0)."""
 
-    def ordered(x):
-        bits = np.ascontiguousarray(x, np.float32).view(np.int32).astype(np.int64)
-        return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+  def ordered(x):
+    bits = np.ascontiguousarray(x, np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
 
-    return np.abs(ordered(a) - ordered(b))
-
-
-def compare_params(jax_params: dict[str, np.ndarray],
-             keras_params: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Parameter differences per recorded step, and per parameter at the last one.
-
-    Args:
-      jax_params: Name -> ``[recorded, *shape]`` stack from the JAX run.
-      keras_params: The same from the Keras run, the reference.
-
-    Returns:
-      ``param_abs``, ``param_rel`` and ``identical_fraction`` (bitwise-equal entries), lists over
-      the recorded steps; ``per_param_final``: per parameter at the last recorded step, its max
-      abs difference, that relative to its own max|θ|, its max|θ| and the max ulp distance.
-    """
-    axes = {n: tuple(range(1, keras_params[n].ndim)) for n in PARAM_NAMES}
-    diff = {n: np.abs(jax_params[n].astype(np.float64) - keras_params[n]).max(axis=axes[n])
-            for n in PARAM_NAMES}
-    scale = {n: np.abs(keras_params[n]).max(axis=axes[n]).astype(np.float64)
-             for n in PARAM_NAMES}
-    same = sum(np.sum(jax_params[n] == keras_params[n], axis=axes[n]) for n in PARAM_NAMES)
-    total = sum(keras_params[n][0].size for n in PARAM_NAMES)
-    abs_ = np.max([diff[n] for n in PARAM_NAMES], axis=0)  # np.max keeps NaNs: they must fail.
-    rel = abs_ / np.max([scale[n] for n in PARAM_NAMES], axis=0)
-    per_param = {n: {"abs": float(diff[n][-1]),
-                     "rel_to_own_max": float(diff[n][-1] / scale[n][-1]),
-                     "max_abs_param": float(scale[n][-1]),
-                     "max_ulps": int(_ulps(jax_params[n][-1], keras_params[n][-1]).max())}
-                 for n in PARAM_NAMES}
-    return {"param_abs": abs_.tolist(), "param_rel": rel.tolist(),
-            "identical_fraction": (same / total).tolist(), "per_param_final": per_param}
+  return np.abs(ordered(a) - ordered(b))
 
 
-def _gradient_diffs(jax_grads: dict[str, np.ndarray],
-                    keras_grads: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Step-1 gradients (same weights, same batch): how far apart the two frameworks' ops are."""
-    out = {}
-    for n in PARAM_NAMES:
-        j, k = jax_grads[n], keras_grads[n]
-        d = np.abs(j.astype(np.float64) - k)
-        out[n] = {"abs": float(d.max()), "rel": float(d.max() / max(np.abs(k).max(), 1e-30)),
-                  "max_ulps": int(_ulps(j, k).max()),
-                  "identical_fraction": float(np.mean(j == k))}
-    return out
+def compare_params(
+  jax_params: dict[str, np.ndarray], keras_params: dict[str, np.ndarray]
+) -> dict[str, Any]:
+  """Parameter differences per recorded step, and per parameter at the last one.
+
+  Args:
+    jax_params: Name -> ``[recorded, *shape]`` stack from the JAX run.
+    keras_params: The same from the Keras run, the reference.
+
+  Returns:
+    ``param_abs``, ``param_rel`` and ``identical_fraction`` (bitwise-equal entries), lists over
+    the recorded steps; ``per_param_final``: per parameter at the last recorded step, its max
+    abs difference, that relative to its own max|θ|, its max|θ| and the max ulp distance.
+  """
+  axes = {n: tuple(range(1, keras_params[n].ndim)) for n in PARAM_NAMES}
+  diff = {
+    n: np.abs(jax_params[n].astype(np.float64) - keras_params[n]).max(axis=axes[n])
+    for n in PARAM_NAMES
+  }
+  scale = {n: np.abs(keras_params[n]).max(axis=axes[n]).astype(np.float64) for n in PARAM_NAMES}
+  same = sum(np.sum(jax_params[n] == keras_params[n], axis=axes[n]) for n in PARAM_NAMES)
+  total = sum(keras_params[n][0].size for n in PARAM_NAMES)
+  abs_ = np.max([diff[n] for n in PARAM_NAMES], axis=0)  # np.max keeps NaNs: they must fail.
+  rel = abs_ / np.max([scale[n] for n in PARAM_NAMES], axis=0)
+  per_param = {
+    n: {
+      "abs": float(diff[n][-1]),
+      "rel_to_own_max": float(diff[n][-1] / scale[n][-1]),
+      "max_abs_param": float(scale[n][-1]),
+      "max_ulps": int(_ulps(jax_params[n][-1], keras_params[n][-1]).max()),
+    }
+    for n in PARAM_NAMES
+  }
+  return {
+    "param_abs": abs_.tolist(),
+    "param_rel": rel.tolist(),
+    "identical_fraction": (same / total).tolist(),
+    "per_param_final": per_param,
+  }
+
+
+def _gradient_diffs(
+  jax_grads: dict[str, np.ndarray], keras_grads: dict[str, np.ndarray]
+) -> dict[str, Any]:
+  """Step-1 gradients (same weights, same batch): how far apart the two frameworks' ops are."""
+  out = {}
+  for n in PARAM_NAMES:
+    j, k = jax_grads[n], keras_grads[n]
+    d = np.abs(j.astype(np.float64) - k)
+    out[n] = {
+      "abs": float(d.max()),
+      "rel": float(d.max() / max(np.abs(k).max(), 1e-30)),
+      "max_ulps": int(_ulps(j, k).max()),
+      "identical_fraction": float(np.mean(j == k)),
+    }
+  return out
 
 
 def _milestones(steps: np.ndarray, values: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """The differences at steps 1, 10, 100, ... and the last step, keyed by step."""
-    keep = {s for s in (10**k for k in range(len(str(int(steps[-1]))))) if s in set(steps)}
-    keep.add(int(steps[-1]))
-    index = {int(s): i for i, s in enumerate(steps)}
-    return {str(s): {k: v[index[s]] for k, v in values.items()} for s in sorted(keep)}
+  """The differences at steps 1, 10, 100, ... and the last step, keyed by step."""
+  keep = {s for s in (10**k for k in range(len(str(int(steps[-1]))))) if s in set(steps)}
+  keep.add(int(steps[-1]))
+  index = {int(s): i for i, s in enumerate(steps)}
+  return {str(s): {k: v[index[s]] for k, v in values.items()} for s in sorted(keep)}
 
 
 def _versions() -> dict[str, str]:
-    import flax
-    import jax
-    import jaxlib
-    import optax
+  import flax
+  import jax
+  import jaxlib
+  import optax
 
-    import adamjax
+  import adamjax
 
-    return {"python": platform.python_version(), "numpy": np.__version__,
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-            "optax": optax.__version__, "adamjax": adamjax.__version__,
-            "jax_backend": jax.default_backend(), "machine": platform.machine(),
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS")}
+  return {
+    "python": platform.python_version(),
+    "numpy": np.__version__,
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "adamjax": adamjax.__version__,
+    "jax_backend": jax.default_backend(),
+    "machine": platform.machine(),
+    "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+  }
 
 
 def run_parity(config: ParityConfig, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains in Keras (TensorFlow) and in JAX from the same start; writes and returns the report.
+  """Trains in Keras (TensorFlow) and in JAX from the same start; writes and returns the report.
 
-    Args:
-      config: The comparison to make (see :class:`ParityConfig`).
-      workdir: Folder for ``report.json`` and ``parity.png`` (created if missing).
+  Args:
+    config: The comparison to make (see :class:`ParityConfig`).
+    workdir: Folder for ``report.json`` and ``parity.png`` (created if missing).
 
-    Returns:
-      The report written to ``report.json``: ``config``, ``versions``, ``data_source``,
-      ``steps`` (the recorded steps), ``param_abs``, ``param_rel`` and ``identical_fraction``
-      (per recorded step), ``loss_keras``, ``loss_jax`` and ``loss_abs`` (per step),
-      ``worst`` (the recorded step with the largest ``param_rel``), ``final``, ``milestones``
-      (steps 1, 10, 100, ... and the last), ``max_loss_abs``, ``per_param_final``,
-      ``grads_step1`` (the two frameworks' gradients at step 1, from the same weights),
-      ``step1_optimizer_only`` (JAX's update of Keras's step-1 gradients vs Keras's step 1),
-      ``checks`` (pixel scaling, no TensorFlow in this process, step counters), ``criterion``,
-      ``tolerance``, ``max_param_rel``, ``passed`` and ``seconds``.
-    """
-    mnist = _mnist()
-    if config.optimizer not in mnist.OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; "
-                         f"one of {sorted(mnist.OPTIMIZERS)}")
-    if config.dropout not in DROPOUT_MODES:
-        raise ValueError(f"unknown dropout mode {config.dropout!r}; one of {DROPOUT_MODES}")
-    if config.steps < 1 or config.record_every < 1:
-        raise ValueError("steps and record_every must be at least 1")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+  Returns:
+    The report written to ``report.json``: ``config``, ``versions``, ``data_source``,
+    ``steps`` (the recorded steps), ``param_abs``, ``param_rel`` and ``identical_fraction``
+    (per recorded step), ``loss_keras``, ``loss_jax`` and ``loss_abs`` (per step),
+    ``worst`` (the recorded step with the largest ``param_rel``), ``final``, ``milestones``
+    (steps 1, 10, 100, ... and the last), ``max_loss_abs``, ``per_param_final``,
+    ``grads_step1`` (the two frameworks' gradients at step 1, from the same weights),
+    ``step1_optimizer_only`` (JAX's update of Keras's step-1 gradients vs Keras's step 1),
+    ``checks`` (pixel scaling, no TensorFlow in this process, step counters), ``criterion``,
+    ``tolerance``, ``max_param_rel``, ``passed`` and ``seconds``.
+  """
+  mnist = _mnist()
+  if config.optimizer not in mnist.OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; one of {sorted(mnist.OPTIMIZERS)}")
+  if config.dropout not in DROPOUT_MODES:
+    raise ValueError(f"unknown dropout mode {config.dropout!r}; one of {DROPOUT_MODES}")
+  if config.steps < 1 or config.record_every < 1:
+    raise ValueError("steps and record_every must be at least 1")
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
 
-    data = mnist.load_data(mnist.Config(
-        data_source=config.data_source, data_dir=config.data_dir, cache_dir=config.cache_dir,
-        limit_train_examples=config.limit_train_examples, limit_test_examples=1))
-    images, labels = make_batches(config, data)
-    masks = make_dropout_masks(config) if config.dropout == "shared-masks" else None
-    recorded = record_steps(config.steps, config.record_every)
+  data = mnist.load_data(
+    mnist.Config(
+      data_source=config.data_source,
+      data_dir=config.data_dir,
+      cache_dir=config.cache_dir,
+      limit_train_examples=config.limit_train_examples,
+      limit_test_examples=1,
+    )
+  )
+  images, labels = make_batches(config, data)
+  masks = make_dropout_masks(config) if config.dropout == "shared-masks" else None
+  recorded = record_steps(config.steps, config.record_every)
 
-    keras_run = run_keras(config, images, labels, masks, recorded)
-    jax_run = run_jax(config, keras_run["init"], images, labels, masks, recorded,
-                      keras_grads_step1=keras_run["grads_step1"])
-    # The optimizer on its own: JAX's update applied to Keras's own step-1 gradients.
-    optimizer_only = {}
-    for n in PARAM_NAMES:
-        ours, theirs = jax_run["step1_from_keras_grads"][n], keras_run["params"][n][0]
-        optimizer_only[n] = {"abs": float(np.max(np.abs(ours.astype(np.float64) - theirs))),
-                             "max_ulps": int(_ulps(ours, theirs).max())}
-
-    cmp = compare_params(jax_run["params"], keras_run["params"])
-    loss_abs = np.abs(jax_run["loss"].astype(np.float64) - keras_run["loss"])
-    rel = np.asarray(cmp["param_rel"])
-    worst = int(np.argmax(np.where(np.isnan(rel), np.inf, rel)))  # A NaN is the worst step.
-    max_rel = float(rel[worst])
-    passed = bool(np.isfinite(max_rel) and max_rel <= config.tolerance)
-    per_step = {"param_abs": cmp["param_abs"], "param_rel": cmp["param_rel"],
-                "loss_abs": loss_abs[recorded - 1].tolist()}
-    report = {
-        "config": dataclasses.asdict(config),
-        "versions": {**_versions(), **keras_run["versions"]},
-        "data_source": data.source,
-        "steps": recorded.tolist(),
-        "param_abs": cmp["param_abs"],
-        "param_rel": cmp["param_rel"],
-        "identical_fraction": cmp["identical_fraction"],
-        "loss_keras": keras_run["loss"].tolist(),
-        "loss_jax": jax_run["loss"].tolist(),
-        "loss_abs": loss_abs.tolist(),
-        "worst": {"step": int(recorded[worst]), "param_abs": cmp["param_abs"][worst],
-                  "param_rel": max_rel},
-        "final": {"step": config.steps, "param_abs": cmp["param_abs"][-1],
-                  "param_rel": cmp["param_rel"][-1], "loss_abs": float(loss_abs[-1])},
-        "milestones": _milestones(recorded, per_step),
-        "max_loss_abs": float(loss_abs.max()),
-        "per_param_final": cmp["per_param_final"],
-        "grads_step1": _gradient_diffs(jax_run["grads_step1"], keras_run["grads_step1"]),
-        "step1_optimizer_only": optimizer_only,
-        "checks": {"pixels_match_keras": jax_run["pixels_match_keras"],
-                   # This process must never have loaded TensorFlow (only the worker does).
-                   "tensorflow_in_jax_process": "tensorflow" in sys.modules,
-                   "keras_iterations": keras_run["iterations"], "jax_count": jax_run["count"]},
-        "criterion": "max over recorded steps of max|theta_jax - theta_keras| / max|theta_keras|",
-        "tolerance": config.tolerance,
-        "max_param_rel": max_rel,
-        "passed": passed,
-        "seconds": {"keras": keras_run["seconds"], "jax": jax_run["seconds"]},
+  keras_run = run_keras(config, images, labels, masks, recorded)
+  jax_run = run_jax(
+    config,
+    keras_run["init"],
+    images,
+    labels,
+    masks,
+    recorded,
+    keras_grads_step1=keras_run["grads_step1"],
+  )
+  # The optimizer on its own: JAX's update applied to Keras's own step-1 gradients.
+  optimizer_only = {}
+  for n in PARAM_NAMES:
+    ours, theirs = jax_run["step1_from_keras_grads"][n], keras_run["params"][n][0]
+    optimizer_only[n] = {
+      "abs": float(np.max(np.abs(ours.astype(np.float64) - theirs))),
+      "max_ulps": int(_ulps(ours, theirs).max()),
     }
-    (workdir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
-    if config.plot:
-        _plot(report, workdir / PLOT)
-    return report
+
+  cmp = compare_params(jax_run["params"], keras_run["params"])
+  loss_abs = np.abs(jax_run["loss"].astype(np.float64) - keras_run["loss"])
+  rel = np.asarray(cmp["param_rel"])
+  worst = int(np.argmax(np.where(np.isnan(rel), np.inf, rel)))  # A NaN is the worst step.
+  max_rel = float(rel[worst])
+  passed = bool(np.isfinite(max_rel) and max_rel <= config.tolerance)
+  per_step = {
+    "param_abs": cmp["param_abs"],
+    "param_rel": cmp["param_rel"],
+    "loss_abs": loss_abs[recorded - 1].tolist(),
+  }
+  report = {
+    "config": dataclasses.asdict(config),
+    "versions": {**_versions(), **keras_run["versions"]},
+    "data_source": data.source,
+    "steps": recorded.tolist(),
+    "param_abs": cmp["param_abs"],
+    "param_rel": cmp["param_rel"],
+    "identical_fraction": cmp["identical_fraction"],
+    "loss_keras": keras_run["loss"].tolist(),
+    "loss_jax": jax_run["loss"].tolist(),
+    "loss_abs": loss_abs.tolist(),
+    "worst": {
+      "step": int(recorded[worst]),
+      "param_abs": cmp["param_abs"][worst],
+      "param_rel": max_rel,
+    },
+    "final": {
+      "step": config.steps,
+      "param_abs": cmp["param_abs"][-1],
+      "param_rel": cmp["param_rel"][-1],
+      "loss_abs": float(loss_abs[-1]),
+    },
+    "milestones": _milestones(recorded, per_step),
+    "max_loss_abs": float(loss_abs.max()),
+    "per_param_final": cmp["per_param_final"],
+    "grads_step1": _gradient_diffs(jax_run["grads_step1"], keras_run["grads_step1"]),
+    "step1_optimizer_only": optimizer_only,
+    "checks": {
+      "pixels_match_keras": jax_run["pixels_match_keras"],
+      # This process must never have loaded TensorFlow (only the worker does).
+      "tensorflow_in_jax_process": "tensorflow" in sys.modules,
+      "keras_iterations": keras_run["iterations"],
+      "jax_count": jax_run["count"],
+    },
+    "criterion": "max over recorded steps of max|theta_jax - theta_keras| / max|theta_keras|",
+    "tolerance": config.tolerance,
+    "max_param_rel": max_rel,
+    "passed": passed,
+    "seconds": {"keras": keras_run["seconds"], "jax": jax_run["seconds"]},
+  }
+  (workdir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+  if config.plot:
+    _plot(report, workdir / PLOT)
+  return report
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
-    """Per-step differences on a log scale: parameters (abs and rel) above, loss below."""
-    import matplotlib
+  """Per-step differences on a log scale: parameters (abs and rel) above, loss below."""
+  import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
 
-    def positive(values):  # Exact zeros cannot sit on a log axis; they are left out.
-        v = np.asarray(values, np.float64)
-        return np.where(v > 0, v, np.nan)
+  def positive(values):  # Exact zeros cannot sit on a log axis; they are left out.
+    v = np.asarray(values, np.float64)
+    return np.where(v > 0, v, np.nan)
 
-    cfg = report["config"]
-    steps = np.asarray(report["steps"])
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, constrained_layout=True)
-    top.plot(steps, positive(report["param_abs"]), label="max |Δθ|")
-    top.plot(steps, positive(report["param_rel"]), label="max |Δθ| / max |θ|")
-    top.axhline(report["tolerance"], color="red", ls="--", lw=1,
-                label=f"tolerance {report['tolerance']:g} (relative)")
-    top.set_yscale("log")
-    top.set_ylabel("parameter difference")
-    top.set_title(f"Keras (TensorFlow) vs JAX {cfg['optimizer']}, dropout {cfg['dropout']}, "
-                  f"{report['data_source']} data: {'PASS' if report['passed'] else 'FAIL'}")
-    top.legend()
-    top.grid(alpha=0.3, which="both")
-    all_steps = np.arange(1, len(report["loss_abs"]) + 1)
-    bottom.plot(all_steps, positive(report["loss_abs"]), lw=0.8,
-                label="|Δloss| (exact zeros not drawn)")
-    bottom.set_yscale("log")
-    bottom.set_xlabel("step")
-    bottom.set_ylabel("training loss difference")
-    bottom.legend()
-    bottom.grid(alpha=0.3, which="both")
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+  cfg = report["config"]
+  steps = np.asarray(report["steps"])
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, constrained_layout=True)
+  top.plot(steps, positive(report["param_abs"]), label="max |Δθ|")
+  top.plot(steps, positive(report["param_rel"]), label="max |Δθ| / max |θ|")
+  top.axhline(
+    report["tolerance"],
+    color="red",
+    ls="--",
+    lw=1,
+    label=f"tolerance {report['tolerance']:g} (relative)",
+  )
+  top.set_yscale("log")
+  top.set_ylabel("parameter difference")
+  top.set_title(
+    f"Keras (TensorFlow) vs JAX {cfg['optimizer']}, dropout {cfg['dropout']}, "
+    f"{report['data_source']} data: {'PASS' if report['passed'] else 'FAIL'}"
+  )
+  top.legend()
+  top.grid(alpha=0.3, which="both")
+  all_steps = np.arange(1, len(report["loss_abs"]) + 1)
+  bottom.plot(
+    all_steps, positive(report["loss_abs"]), lw=0.8, label="|Δloss| (exact zeros not drawn)"
+  )
+  bottom.set_yscale("log")
+  bottom.set_xlabel("step")
+  bottom.set_ylabel("training loss difference")
+  bottom.legend()
+  bottom.grid(alpha=0.3, which="both")
+  fig.savefig(path, format="png", dpi=100)
+  plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,87 +777,129 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, ParityConfig]:
-    """Parses the command line into the namespace and a :class:`ParityConfig`."""
-    d = ParityConfig()
-    mnist = _mnist()
-    p = argparse.ArgumentParser(
-        description="Train the Keras tutorial MLP in Keras (TensorFlow backend) and in JAX from "
-                    "the same weights on the same batches, and report how far they drift apart. "
-                    "Exit code 0: within --tolerance; 1: not; 2: error.")
-    p.add_argument("--workdir", help=f"report.json and parity.png (default: a new "
-                                     f"{DEFAULT_RUNS}/<date-time>)")
-    p.add_argument("--steps", type=int, default=d.steps,
-                   help="training steps (default: %(default)s)")
-    p.add_argument("--optimizer", choices=sorted(mnist.OPTIMIZERS), default=d.optimizer,
-                   help="the JAX side's optimizer, a train/mnist.py preset; keras_adam is the "
-                        "Keras-exact one, optax.adam the negative control (default: %(default)s)")
-    p.add_argument("--dropout", choices=DROPOUT_MODES, default=d.dropout,
-                   help="off: train without dropout (the exact comparison); shared-masks: the "
-                        "same NumPy-drawn masks in both (default: %(default)s)")
-    p.add_argument("--dropout-rate", type=float, default=d.dropout_rate)
-    p.add_argument("--tolerance", type=float, default=d.tolerance,
-                   help="largest allowed max|Δθ|/max|θ| over the recorded steps (default: "
-                        "%(default)s, the issue's target; keras_adam measures ~5e-6 after 1000 "
-                        "MNIST steps, float32's noise floor here: see this file's docstring)")
-    p.add_argument("--record-every", type=int, default=d.record_every, metavar="K",
-                   help="compare parameters every K steps, and at steps 1, 10, 100, ... and the "
-                        "last (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="Keras's initial weights, the batch order, the dropout masks")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--data-source", choices=mnist.DATA_SOURCES, default=d.data_source,
-                   help="MNIST source as in train/mnist.py; 'synthetic' is random data for tests "
-                        "(default: %(default)s)")
-    p.add_argument("--data-dir", help="folder with the four MNIST IDX files")
-    p.add_argument("--cache-dir", help="MNIST cache (default: ~/.cache/adamjax/mnist)")
-    p.add_argument("--limit-train-examples", type=int, metavar="N",
-                   help="draw batches from the first N training examples only")
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="TensorFlow's intra/inter-op threads (default: %(default)s)")
-    p.add_argument("--keras-eager", action="store_true",
-                   help="run the Keras step op by op instead of in a tf.function (as fit does)")
-    p.add_argument("--no-plot", dest="plot", action="store_false")
-    args = p.parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(ParityConfig)}
-    return args, ParityConfig(**{k: v for k, v in vars(args).items() if k in fields})
+  """Parses the command line into the namespace and a :class:`ParityConfig`."""
+  d = ParityConfig()
+  mnist = _mnist()
+  p = argparse.ArgumentParser(
+    description="Train the Keras tutorial MLP in Keras (TensorFlow backend) and in JAX from "
+    "the same weights on the same batches, and report how far they drift apart. "
+    "Exit code 0: within --tolerance; 1: not; 2: error."
+  )
+  p.add_argument(
+    "--workdir", help=f"report.json and parity.png (default: a new {DEFAULT_RUNS}/<date-time>)"
+  )
+  p.add_argument("--steps", type=int, default=d.steps, help="training steps (default: %(default)s)")
+  p.add_argument(
+    "--optimizer",
+    choices=sorted(mnist.OPTIMIZERS),
+    default=d.optimizer,
+    help="the JAX side's optimizer, a train/mnist.py preset; keras_adam is the "
+    "Keras-exact one, optax.adam the negative control (default: %(default)s)",
+  )
+  p.add_argument(
+    "--dropout",
+    choices=DROPOUT_MODES,
+    default=d.dropout,
+    help="off: train without dropout (the exact comparison); shared-masks: the "
+    "same NumPy-drawn masks in both (default: %(default)s)",
+  )
+  p.add_argument("--dropout-rate", type=float, default=d.dropout_rate)
+  p.add_argument(
+    "--tolerance",
+    type=float,
+    default=d.tolerance,
+    help="largest allowed max|Δθ|/max|θ| over the recorded steps (default: "
+    "%(default)s, the issue's target; keras_adam measures ~5e-6 after 1000 "
+    "MNIST steps, float32's noise floor here: see this file's docstring)",
+  )
+  p.add_argument(
+    "--record-every",
+    type=int,
+    default=d.record_every,
+    metavar="K",
+    help="compare parameters every K steps, and at steps 1, 10, 100, ... and the "
+    "last (default: %(default)s)",
+  )
+  p.add_argument(
+    "--seed",
+    type=int,
+    default=d.seed,
+    help="Keras's initial weights, the batch order, the dropout masks",
+  )
+  p.add_argument("--batch-size", type=int, default=d.batch_size)
+  p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+  p.add_argument("--hidden", type=int, default=d.hidden)
+  p.add_argument(
+    "--data-source",
+    choices=mnist.DATA_SOURCES,
+    default=d.data_source,
+    help="MNIST source as in train/mnist.py; 'synthetic' is random data for tests "
+    "(default: %(default)s)",
+  )
+  p.add_argument("--data-dir", help="folder with the four MNIST IDX files")
+  p.add_argument("--cache-dir", help="MNIST cache (default: ~/.cache/adamjax/mnist)")
+  p.add_argument(
+    "--limit-train-examples",
+    type=int,
+    metavar="N",
+    help="draw batches from the first N training examples only",
+  )
+  p.add_argument(
+    "--threads",
+    type=int,
+    default=d.threads,
+    help="TensorFlow's intra/inter-op threads (default: %(default)s)",
+  )
+  p.add_argument(
+    "--keras-eager",
+    action="store_true",
+    help="run the Keras step op by op instead of in a tf.function (as fit does)",
+  )
+  p.add_argument("--no-plot", dest="plot", action="store_false")
+  args = p.parse_args(argv)
+  fields = {f.name for f in dataclasses.fields(ParityConfig)}
+  return args, ParityConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 def _summary(report: dict[str, Any]) -> str:
-    lines = [f"{'step':>6} {'max|Δθ|':>10} {'rel':>10} {'|Δloss|':>10}"]
-    for step, row in report["milestones"].items():
-        lines.append(f"{step:>6} {row['param_abs']:10.3e} {row['param_rel']:10.3e} "
-                     f"{row['loss_abs']:10.3e}")
-    w = report["worst"]
-    verdict = "PASS" if report["passed"] else "FAIL"
-    lines.append(f"worst: step {w['step']}, rel {w['param_rel']:.3e}; tolerance "
-                 f"{report['tolerance']:g}: {verdict}")
-    return "\n".join(lines)
+  lines = [f"{'step':>6} {'max|Δθ|':>10} {'rel':>10} {'|Δloss|':>10}"]
+  for step, row in report["milestones"].items():
+    lines.append(
+      f"{step:>6} {row['param_abs']:10.3e} {row['param_rel']:10.3e} {row['loss_abs']:10.3e}"
+    )
+  w = report["worst"]
+  verdict = "PASS" if report["passed"] else "FAIL"
+  lines.append(
+    f"worst: step {w['step']}, rel {w['param_rel']:.3e}; tolerance "
+    f"{report['tolerance']:g}: {verdict}"
+  )
+  return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the comparison from the command line; returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--keras-worker"] and len(argv) == 2:
-        _keras_worker(argv[1])  # Parsed by hand: the worker must not import JAX (parse_args does).
-        return EXIT_PASSED
-    args, config = parse_args(argv)
-    # One XLA:CPU thread: this model's ops are tiny, and the machine may be shared. The thread
-    # count does not change XLA's results (see mnist.start_jax).
-    _mnist().start_jax(cpu_threads="1")
-    workdir = Path(args.workdir) if args.workdir else DEFAULT_RUNS / time.strftime("%Y%m%d-%H%M%S")
-    try:
-        report = run_parity(config, workdir)
-    except (RuntimeError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    print(f"Keras (TensorFlow) vs JAX {config.optimizer}, dropout {config.dropout}, "
-          f"{config.steps} steps on {report['data_source']} data")
-    print(_summary(report))
-    print(f"report: {workdir / REPORT}")
-    return EXIT_PASSED if report["passed"] else EXIT_FAILED
+  """Runs the comparison from the command line; returns the exit code."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["--keras-worker"] and len(argv) == 2:
+    _keras_worker(argv[1])  # Parsed by hand: the worker must not import JAX (parse_args does).
+    return EXIT_PASSED
+  args, config = parse_args(argv)
+  # One XLA:CPU thread: this model's ops are tiny, and the machine may be shared. The thread
+  # count does not change XLA's results (see mnist.start_jax).
+  _mnist().start_jax(cpu_threads="1")
+  workdir = Path(args.workdir) if args.workdir else DEFAULT_RUNS / time.strftime("%Y%m%d-%H%M%S")
+  try:
+    report = run_parity(config, workdir)
+  except (RuntimeError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_ERROR
+  print(
+    f"Keras (TensorFlow) vs JAX {config.optimizer}, dropout {config.dropout}, "
+    f"{config.steps} steps on {report['data_source']} data"
+  )
+  print(_summary(report))
+  print(f"report: {workdir / REPORT}")
+  return EXIT_PASSED if report["passed"] else EXIT_FAILED
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

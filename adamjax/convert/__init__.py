@@ -28,43 +28,43 @@ from pathlib import Path
 from typing import Any
 
 from adamjax.convert._flax import (
-    FLAX_NAMES,
-    adam_state,
-    from_flax,
-    keras_adam_state,
-    keras_optimizer,
-    to_flax,
+  FLAX_NAMES,
+  adam_state,
+  from_flax,
+  keras_adam_state,
+  keras_optimizer,
+  to_flax,
 )
 from adamjax.convert._ir import ConversionError, KerasAdamState, KerasCheckpoint, KerasLayer
 from adamjax.convert._orbax import (
-    converted_optimizer,
-    flax_variables,
-    restore_converted,
-    save_converted,
-    to_keras_checkpoint,
-    trainable_mask,
+  converted_optimizer,
+  flax_variables,
+  restore_converted,
+  save_converted,
+  to_keras_checkpoint,
+  trainable_mask,
 )
 
 __all__ = [
-    "FLAX_NAMES",
-    "ConversionError",
-    "KerasAdamState",
-    "KerasCheckpoint",
-    "KerasLayer",
-    "adam_state",
-    "converted_optimizer",
-    "flax_variables",
-    "from_flax",
-    "keras_adam_state",
-    "keras_optimizer",
-    "read",
-    "restore_converted",
-    "save_converted",
-    "sniff",
-    "to_flax",
-    "to_keras_checkpoint",
-    "trainable_mask",
-    "write",
+  "FLAX_NAMES",
+  "ConversionError",
+  "KerasAdamState",
+  "KerasCheckpoint",
+  "KerasLayer",
+  "adam_state",
+  "converted_optimizer",
+  "flax_variables",
+  "from_flax",
+  "keras_adam_state",
+  "keras_optimizer",
+  "read",
+  "restore_converted",
+  "save_converted",
+  "sniff",
+  "to_flax",
+  "to_keras_checkpoint",
+  "trainable_mask",
+  "write",
 ]
 
 _ZIP, _HDF5 = b"PK\x03\x04", b"\x89HDF\r\n\x1a\n"
@@ -72,111 +72,117 @@ _BUNDLE_MAGIC = bytes.fromhex("57fb808b247547db")  # 0xdb4775248b80fb57, little-
 
 
 def _is_bundle_index(path: Path) -> bool:
-    if not path.is_file() or path.stat().st_size < 48:
-        return False
-    with open(path, "rb") as f:
-        f.seek(-8, os.SEEK_END)
-        return f.read(8) == _BUNDLE_MAGIC
+  if not path.is_file() or path.stat().st_size < 48:
+    return False
+  with open(path, "rb") as f:
+    f.seek(-8, os.SEEK_END)
+    return f.read(8) == _BUNDLE_MAGIC
 
 
 def sniff(path: str | os.PathLike) -> str:
-    """The checkpoint format at ``path``, judged by content (magic numbers, layout), not name.
+  """The checkpoint format at ``path``, judged by content (magic numbers, layout), not name.
 
-    Returns one of ``"keras"``, ``"weights.h5"``, ``"tf-keras-h5"``, ``"weights.json"``,
-    ``"tf-checkpoint"``, ``"savedmodel"``, ``"orbax-callback"``, ``"adamjax"`` (a directory written
-    by :func:`save_converted`).
+  Returns one of ``"keras"``, ``"weights.h5"``, ``"tf-keras-h5"``, ``"weights.json"``,
+  ``"tf-checkpoint"``, ``"savedmodel"``, ``"orbax-callback"``, ``"adamjax"`` (a directory written
+  by :func:`save_converted`).
 
-    Raises:
-      ConversionError: if ``path`` does not exist or is none of these.
-    """
-    path = Path(path)
-    if path.is_dir():
-        if (path / "adamjax_convert.json").is_file():
-            return "adamjax"
-        if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
-            return "savedmodel"
-        if (path / "checkpoint").is_file() or any(_is_bundle_index(p)
-                                                  for p in path.glob("*.index")):
-            return "tf-checkpoint"
-        if any(p.name == "_CHECKPOINT_METADATA" for p in path.rglob("_CHECKPOINT_METADATA")):
-            return "orbax-callback"
-        raise ConversionError(f"{path} is a directory with no checkpoint format the converter "
-                              "knows (SavedModel, TF checkpoint, Orbax)")
-    if _is_bundle_index(path) or _is_bundle_index(Path(f"{path}.index")):
-        return "tf-checkpoint"
-    if not path.is_file():
-        raise ConversionError(f"{path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(_ZIP):
-        return "keras"
-    if head == _HDF5:
-        import h5py
+  Raises:
+    ConversionError: if ``path`` does not exist or is none of these.
+  """
+  path = Path(path)
+  if path.is_dir():
+    if (path / "adamjax_convert.json").is_file():
+      return "adamjax"
+    if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
+      return "savedmodel"
+    if (path / "checkpoint").is_file() or any(_is_bundle_index(p) for p in path.glob("*.index")):
+      return "tf-checkpoint"
+    if any(p.name == "_CHECKPOINT_METADATA" for p in path.rglob("_CHECKPOINT_METADATA")):
+      return "orbax-callback"
+    raise ConversionError(
+      f"{path} is a directory with no checkpoint format the converter "
+      "knows (SavedModel, TF checkpoint, Orbax)"
+    )
+  if _is_bundle_index(path) or _is_bundle_index(Path(f"{path}.index")):
+    return "tf-checkpoint"
+  if not path.is_file():
+    raise ConversionError(f"{path} does not exist")
+  with open(path, "rb") as f:
+    head = f.read(8)
+  if head.startswith(_ZIP):
+    return "keras"
+  if head == _HDF5:
+    import h5py
 
-        with h5py.File(path, "r") as f:
-            if "model_weights" in f or "layer_names" in f.attrs:
-                return "tf-keras-h5"
-            return "weights.h5"
-    if head.lstrip().startswith(b"{"):
-        return "weights.json"
-    raise ConversionError(f"{path}: not a Keras, HDF5, TensorBundle or JSON file "
-                          f"(starts with {head!r})")
-
-
-def read(path: str | os.PathLike, *, model_config: dict[str, Any] | None = None
-         ) -> KerasCheckpoint:
-    """Reads a Keras/TF checkpoint as data (see :func:`sniff` for the formats).
-
-    Args:
-      path: A file, a TF checkpoint prefix or directory, a SavedModel or Orbax directory.
-      model_config: A Keras model config (``config.json`` contents), for a bare ``.weights.h5``
-        whose layers the converter cannot otherwise tell apart (e.g. a frozen layer).
-
-    Raises:
-      ConversionError: if the file is malformed, unsafe, or holds something unsupported; the
-        message names the entry and the reason.
-    """
-    fmt = sniff(path)
-    if fmt in ("keras", "weights.h5", "weights.json", "tf-keras-h5"):
-        from adamjax.convert import _keras_h5
-
-        if fmt == "keras":
-            return _keras_h5.read_keras_archive(path)
-        if fmt == "weights.h5":
-            return _keras_h5.read_keras_weights_h5(path, model_config=model_config)
-        if fmt == "weights.json":
-            return _keras_h5.read_keras_weights_json(path, model_config=model_config)
-        return _keras_h5.read_tf_keras_h5(path)
-    if fmt == "adamjax":
-        from adamjax.convert import _orbax
-
-        tree, meta = restore_converted(path)
-        like = _orbax.template(meta)
-        return to_keras_checkpoint(
-            tree, like.layers, optimizer=like.optimizer,
-            model_config=meta.get("model_config"), fmt="adamjax")
-    from adamjax.convert import _tf_checkpoint
-
-    if fmt == "savedmodel":
-        return _tf_checkpoint.read_savedmodel(path)
-    if fmt == "orbax-callback":
-        return _tf_checkpoint.read_orbax_callback(path)
-    return _tf_checkpoint.read_tf_checkpoint(path)
+    with h5py.File(path, "r") as f:
+      if "model_weights" in f or "layer_names" in f.attrs:
+        return "tf-keras-h5"
+      return "weights.h5"
+  if head.lstrip().startswith(b"{"):
+    return "weights.json"
+  raise ConversionError(
+    f"{path}: not a Keras, HDF5, TensorBundle or JSON file (starts with {head!r})"
+  )
 
 
-def write(ckpt: KerasCheckpoint, path: str | os.PathLike, *,
-          model_config: dict[str, Any] | None = None) -> None:
-    """Writes ``ckpt`` as ``.keras`` (if ``path`` ends so) or Keras 3 ``.weights.h5``.
+def read(path: str | os.PathLike, *, model_config: dict[str, Any] | None = None) -> KerasCheckpoint:
+  """Reads a Keras/TF checkpoint as data (see :func:`sniff` for the formats).
 
-    ``.keras`` needs the model's Keras config: ``model_config`` or ``ckpt.model_config``.
-    A ``.weights.h5`` carries no config; Keras loads its optimizer state only into a built
-    optimizer: ``model.optimizer.build(model.trainable_variables)`` before ``load_weights``.
-    """
+  Args:
+    path: A file, a TF checkpoint prefix or directory, a SavedModel or Orbax directory.
+    model_config: A Keras model config (``config.json`` contents), for a bare ``.weights.h5``
+      whose layers the converter cannot otherwise tell apart (e.g. a frozen layer).
+
+  Raises:
+    ConversionError: if the file is malformed, unsafe, or holds something unsupported; the
+      message names the entry and the reason.
+  """
+  fmt = sniff(path)
+  if fmt in ("keras", "weights.h5", "weights.json", "tf-keras-h5"):
     from adamjax.convert import _keras_h5
 
-    if str(path).endswith(".keras"):
-        _keras_h5.write_keras_archive(ckpt, path, model_config=model_config)
-    elif str(path).endswith(".weights.h5"):
-        _keras_h5.write_keras_weights_h5(ckpt, path)
-    else:
-        raise ConversionError(f"{path}: the output name must end in .keras or .weights.h5")
+    if fmt == "keras":
+      return _keras_h5.read_keras_archive(path)
+    if fmt == "weights.h5":
+      return _keras_h5.read_keras_weights_h5(path, model_config=model_config)
+    if fmt == "weights.json":
+      return _keras_h5.read_keras_weights_json(path, model_config=model_config)
+    return _keras_h5.read_tf_keras_h5(path)
+  if fmt == "adamjax":
+    from adamjax.convert import _orbax
+
+    tree, meta = restore_converted(path)
+    like = _orbax.template(meta)
+    return to_keras_checkpoint(
+      tree,
+      like.layers,
+      optimizer=like.optimizer,
+      model_config=meta.get("model_config"),
+      fmt="adamjax",
+    )
+  from adamjax.convert import _tf_checkpoint
+
+  if fmt == "savedmodel":
+    return _tf_checkpoint.read_savedmodel(path)
+  if fmt == "orbax-callback":
+    return _tf_checkpoint.read_orbax_callback(path)
+  return _tf_checkpoint.read_tf_checkpoint(path)
+
+
+def write(
+  ckpt: KerasCheckpoint, path: str | os.PathLike, *, model_config: dict[str, Any] | None = None
+) -> None:
+  """Writes ``ckpt`` as ``.keras`` (if ``path`` ends so) or Keras 3 ``.weights.h5``.
+
+  ``.keras`` needs the model's Keras config: ``model_config`` or ``ckpt.model_config``.
+  A ``.weights.h5`` carries no config; Keras loads its optimizer state only into a built
+  optimizer: ``model.optimizer.build(model.trainable_variables)`` before ``load_weights``.
+  """
+  from adamjax.convert import _keras_h5
+
+  if str(path).endswith(".keras"):
+    _keras_h5.write_keras_archive(ckpt, path, model_config=model_config)
+  elif str(path).endswith(".weights.h5"):
+    _keras_h5.write_keras_weights_h5(ckpt, path)
+  else:
+    raise ConversionError(f"{path}: the output name must end in .keras or .weights.h5")

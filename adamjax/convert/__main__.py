@@ -26,98 +26,113 @@ from adamjax.convert import _orbax
 
 
 def _describe(ckpt: convert.KerasCheckpoint) -> str:
-    lines = [f"format: {ckpt.format}"]
-    for layer in ckpt.layers:
-        shapes = ", ".join(f"{var}{list(v.shape)}{'' if var in layer.trainable else ' (frozen)'}"
-                           for var, v in layer.weights.items())
-        lines.append(f"  {layer.name} ({layer.class_name}): {shapes}")
-    opt = ckpt.optimizer
-    if opt is None:
-        lines.append("optimizer: none")
-    else:
-        lr = "schedule or not stored" if opt.learning_rate is None else f"{opt.learning_rate:.8g}"
-        lines.append(f"optimizer: {opt.class_name}, iterations {opt.iterations}, learning rate "
-                     f"{lr}, {len(opt.momentums)} moment pairs"
-                     + (", AMSGrad" if opt.velocity_hats else ""))
-        settings = {k: v for k, v in opt.config.items() if k != "name"}
-        if settings:
-            lines.append(f"  config: {settings}")
-    lines += [f"note: {note}" for note in ckpt.notes]
-    return "\n".join(lines)
+  lines = [f"format: {ckpt.format}"]
+  for layer in ckpt.layers:
+    shapes = ", ".join(
+      f"{var}{list(v.shape)}{'' if var in layer.trainable else ' (frozen)'}"
+      for var, v in layer.weights.items()
+    )
+    lines.append(f"  {layer.name} ({layer.class_name}): {shapes}")
+  opt = ckpt.optimizer
+  if opt is None:
+    lines.append("optimizer: none")
+  else:
+    lr = "schedule or not stored" if opt.learning_rate is None else f"{opt.learning_rate:.8g}"
+    lines.append(
+      f"optimizer: {opt.class_name}, iterations {opt.iterations}, learning rate "
+      f"{lr}, {len(opt.momentums)} moment pairs" + (", AMSGrad" if opt.velocity_hats else "")
+    )
+    settings = {k: v for k, v in opt.config.items() if k != "name"}
+    if settings:
+      lines.append(f"  config: {settings}")
+  lines += [f"note: {note}" for note in ckpt.notes]
+  return "\n".join(lines)
 
 
 def _train_workdir_state(workdir: Path) -> dict[str, Any]:
-    """The newest checkpoint of a train/mnist.py workdir, restored untyped (dicts of arrays)."""
-    import orbax.checkpoint as ocp
+  """The newest checkpoint of a train/mnist.py workdir, restored untyped (dicts of arrays)."""
+  import orbax.checkpoint as ocp
 
-    steps = sorted((int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()),
-                   reverse=True)
-    if not steps:
-        raise convert.ConversionError(f"{workdir}/checkpoints holds no checkpoint")
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore((workdir / "checkpoints" / str(steps[0]) / "state").absolute())
+  steps = sorted(
+    (int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()), reverse=True
+  )
+  if not steps:
+    raise convert.ConversionError(f"{workdir}/checkpoints holds no checkpoint")
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore((workdir / "checkpoints" / str(steps[0]) / "state").absolute())
 
 
 def to_keras(source: Path, out: Path, template: Path | None) -> convert.KerasCheckpoint:
-    """Writes ``out`` (.keras or .weights.h5) from a converted checkpoint or a train workdir."""
-    if (source / "checkpoints").is_dir():
-        if template is None:
-            raise convert.ConversionError(
-                f"{source} is a train/mnist.py workdir: pass --template, a Keras file of the same "
-                "model (it supplies the Keras layer names, optimizer settings and config)")
-        like = convert.read(template)
-        tree = _train_workdir_state(source)
-        tree = {"params": tree["params"], "opt_state": tree["opt_state"]}
-        ckpt = convert.to_keras_checkpoint(tree, like.layers, optimizer=like.optimizer,
-                                           model_config=like.model_config)
-    else:
-        ckpt = convert.read(source)
-        if template is not None:
-            ckpt.model_config = convert.read(template).model_config
-    convert.write(ckpt, out)
-    return ckpt
+  """Writes ``out`` (.keras or .weights.h5) from a converted checkpoint or a train workdir."""
+  if (source / "checkpoints").is_dir():
+    if template is None:
+      raise convert.ConversionError(
+        f"{source} is a train/mnist.py workdir: pass --template, a Keras file of the same "
+        "model (it supplies the Keras layer names, optimizer settings and config)"
+      )
+    like = convert.read(template)
+    tree = _train_workdir_state(source)
+    tree = {"params": tree["params"], "opt_state": tree["opt_state"]}
+    ckpt = convert.to_keras_checkpoint(
+      tree, like.layers, optimizer=like.optimizer, model_config=like.model_config
+    )
+  else:
+    ckpt = convert.read(source)
+    if template is not None:
+      ckpt.model_config = convert.read(template).model_config
+  convert.write(ckpt, out)
+  return ckpt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m adamjax.convert",
-        description="Convert TensorFlow/Keras checkpoints (weights and Adam state) to Flax + "
-                    "adamjax and back, without TensorFlow and without executing the file.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="read and validate a checkpoint; print what it holds")
-    info.add_argument("path", type=Path)
-    to_jax = sub.add_parser("to-jax", help="Keras/TF checkpoint -> Orbax checkpoint "
-                                           "(params, batch_stats, adamjax opt_state, step)")
-    to_jax.add_argument("path", type=Path)
-    to_jax.add_argument("out", type=Path, help="output directory (must not exist)")
-    to_jax.add_argument("--overwrite", action="store_true")
-    back = sub.add_parser("to-keras", help="converted checkpoint or train/mnist.py workdir -> "
-                                           ".keras or .weights.h5 with the optimizer state")
-    back.add_argument("source", type=Path)
-    back.add_argument("out", type=Path, help="ends in .keras or .weights.h5")
-    back.add_argument("--template", type=Path, default=None,
-                      help="a Keras file of the same model (needed for a train/mnist.py workdir, "
-                           "or to supply the config a .keras output needs)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "info":
-            print(_describe(convert.read(args.path)))
-        elif args.command == "to-jax":
-            ckpt = convert.read(args.path)
-            _orbax.save_converted(ckpt, args.out, source=str(args.path),
-                                  overwrite=args.overwrite)
-            print(_describe(ckpt))
-            print(f"wrote {args.out}")
-        else:
-            ckpt = to_keras(args.source, args.out, args.template)
-            print(_describe(ckpt))
-            print(f"wrote {args.out}")
-    except (convert.ConversionError, FileExistsError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+  parser = argparse.ArgumentParser(
+    prog="python -m adamjax.convert",
+    description="Convert TensorFlow/Keras checkpoints (weights and Adam state) to Flax + "
+    "adamjax and back, without TensorFlow and without executing the file.",
+  )
+  sub = parser.add_subparsers(dest="command", required=True)
+  info = sub.add_parser("info", help="read and validate a checkpoint; print what it holds")
+  info.add_argument("path", type=Path)
+  to_jax = sub.add_parser(
+    "to-jax",
+    help="Keras/TF checkpoint -> Orbax checkpoint (params, batch_stats, adamjax opt_state, step)",
+  )
+  to_jax.add_argument("path", type=Path)
+  to_jax.add_argument("out", type=Path, help="output directory (must not exist)")
+  to_jax.add_argument("--overwrite", action="store_true")
+  back = sub.add_parser(
+    "to-keras",
+    help="converted checkpoint or train/mnist.py workdir -> "
+    ".keras or .weights.h5 with the optimizer state",
+  )
+  back.add_argument("source", type=Path)
+  back.add_argument("out", type=Path, help="ends in .keras or .weights.h5")
+  back.add_argument(
+    "--template",
+    type=Path,
+    default=None,
+    help="a Keras file of the same model (needed for a train/mnist.py workdir, "
+    "or to supply the config a .keras output needs)",
+  )
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "info":
+      print(_describe(convert.read(args.path)))
+    elif args.command == "to-jax":
+      ckpt = convert.read(args.path)
+      _orbax.save_converted(ckpt, args.out, source=str(args.path), overwrite=args.overwrite)
+      print(_describe(ckpt))
+      print(f"wrote {args.out}")
+    else:
+      ckpt = to_keras(args.source, args.out, args.template)
+      print(_describe(ckpt))
+      print(f"wrote {args.out}")
+  except (convert.ConversionError, FileExistsError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
-    sys.exit(main())
+  np.set_printoptions(precision=4)
+  sys.exit(main())

@@ -22,347 +22,416 @@ from adamjax.convert._ir import ConversionError, KerasAdamState, KerasCheckpoint
 # Keras variable name -> Flax (NNX and Linen) variable name, per Keras layer class. Dense and Conv
 # kernels have the same layout in both (Dense (in, out), Conv HWIO): no transposes.
 FLAX_NAMES: dict[str, dict[str, str]] = {
-    "Dense": {"kernel": "kernel", "bias": "bias"},
-    "Conv1D": {"kernel": "kernel", "bias": "bias"},
-    "Conv2D": {"kernel": "kernel", "bias": "bias"},
-    "Conv3D": {"kernel": "kernel", "bias": "bias"},
-    "BatchNormalization": {"gamma": "scale", "beta": "bias", "moving_mean": "mean",
-                           "moving_variance": "var"},
-    "LayerNormalization": {"gamma": "scale", "beta": "bias"},
-    "Embedding": {"embeddings": "embedding"},
+  "Dense": {"kernel": "kernel", "bias": "bias"},
+  "Conv1D": {"kernel": "kernel", "bias": "bias"},
+  "Conv2D": {"kernel": "kernel", "bias": "bias"},
+  "Conv3D": {"kernel": "kernel", "bias": "bias"},
+  "BatchNormalization": {
+    "gamma": "scale",
+    "beta": "bias",
+    "moving_mean": "mean",
+    "moving_variance": "var",
+  },
+  "LayerNormalization": {"gamma": "scale", "beta": "bias"},
+  "Embedding": {"embeddings": "embedding"},
 }
 
 Path = tuple[str, ...]
 
 # Keras Adam/AdamW config keys and what adamjax.keras_adam does with them.
-_ADAM_ARGS = ("beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay", "clipnorm", "clipvalue",
-              "global_clipnorm")
+_ADAM_ARGS = (
+  "beta_1",
+  "beta_2",
+  "epsilon",
+  "amsgrad",
+  "weight_decay",
+  "clipnorm",
+  "clipvalue",
+  "global_clipnorm",
+)
 _REFUSED_OPTIONS = {
-    "use_ema": "its moving averages are separate optimizer variables the converter does not map",
-    "gradient_accumulation_steps": "its accumulators are mid-cycle optimizer variables the "
-                                   "converter does not map",
-    "loss_scale_factor": "a loss scale is not part of the Adam state",
+  "use_ema": "its moving averages are separate optimizer variables the converter does not map",
+  "gradient_accumulation_steps": "its accumulators are mid-cycle optimizer variables the "
+  "converter does not map",
+  "loss_scale_factor": "a loss scale is not part of the Adam state",
 }
 _IGNORED_KEYS = {"name", "learning_rate", "ema_momentum", "ema_overwrite_frequency"}
 
 
 def _layer_path(name: str, layer_map: Mapping[str, str] | None) -> Path:
-    return tuple((layer_map or {}).get(name, name).split("/"))
+  return tuple((layer_map or {}).get(name, name).split("/"))
 
 
-def variable_paths(layers: list[KerasLayer],
-                   layer_map: Mapping[str, str] | None = None) -> dict[tuple[str, str], Path]:
-    """``(layer, keras variable)`` -> path of the Flax variable it maps to.
+def variable_paths(
+  layers: list[KerasLayer], layer_map: Mapping[str, str] | None = None
+) -> dict[tuple[str, str], Path]:
+  """``(layer, keras variable)`` -> path of the Flax variable it maps to.
 
-    Raises:
-      ConversionError: for a layer class or variable that has no Flax counterpart.
-    """
-    paths = {}
-    for layer in layers:
-        names = FLAX_NAMES.get(layer.class_name)
-        if names is None:
-            raise ConversionError(f"layer {layer.name!r}: Keras class {layer.class_name} has no "
-                                  f"Flax mapping (supported: {sorted(FLAX_NAMES)})")
-        for var in layer.weights:
-            if var not in names:
-                raise ConversionError(f"layer {layer.name!r} ({layer.class_name}) has a variable "
-                                      f"{var!r} that Keras's {layer.class_name} does not have")
-            paths[layer.name, var] = _layer_path(layer.name, layer_map) + (names[var],)
-    return paths
+  Raises:
+    ConversionError: for a layer class or variable that has no Flax counterpart.
+  """
+  paths = {}
+  for layer in layers:
+    names = FLAX_NAMES.get(layer.class_name)
+    if names is None:
+      raise ConversionError(
+        f"layer {layer.name!r}: Keras class {layer.class_name} has no "
+        f"Flax mapping (supported: {sorted(FLAX_NAMES)})"
+      )
+    for var in layer.weights:
+      if var not in names:
+        raise ConversionError(
+          f"layer {layer.name!r} ({layer.class_name}) has a variable "
+          f"{var!r} that Keras's {layer.class_name} does not have"
+        )
+      paths[layer.name, var] = _layer_path(layer.name, layer_map) + (names[var],)
+  return paths
 
 
 def _flatten(tree: Any) -> dict[Path, Any]:
-    leaves = jax.tree_util.tree_leaves_with_path(
-        tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    return {_keys(path): leaf for path, leaf in leaves}
+  leaves = jax.tree_util.tree_leaves_with_path(
+    tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+  )
+  return {_keys(path): leaf for path, leaf in leaves}
 
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
-    return tuple(np.shape(x)), np.dtype(x.dtype)
+  return tuple(np.shape(x)), np.dtype(x.dtype)
 
 
-def _fill(target: Any, values: dict[Path, np.ndarray], what: str, *,
-          source: str) -> Any:
-    """``target``'s tree with each leaf replaced by ``values[path]``; every mismatch reported."""
-    flat = _flatten(target)
-    problems = []
-    for path in values:
-        if path not in flat:
-            problems.append(f"unexpected: {source} has {'/'.join(path)}, the target has no such "
-                            f"{what}")
-    for path, leaf in flat.items():
-        if isinstance(leaf, optax.MaskedNode):
-            continue
-        if path not in values:
-            problems.append(f"missing: the target's {'/'.join(path)} is not in {source}")
-            continue
-        (shape, dtype), value = _shape_dtype(leaf), values[path]
-        if value.shape != shape:
-            problems.append(f"mis-shaped: {'/'.join(path)} is {value.shape} in {source}, "
-                            f"{shape} in the target")
-        elif value.dtype != dtype:
-            problems.append(f"wrong dtype: {'/'.join(path)} is {value.dtype} in {source}, "
-                            f"{dtype} in the target")
-    if problems:
-        raise ConversionError(f"the {what}s do not match the target model:\n  "
-                              + "\n  ".join(problems))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaf if isinstance(leaf, optax.MaskedNode)
-        else values[_keys(path)],
-        target, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+def _fill(target: Any, values: dict[Path, np.ndarray], what: str, *, source: str) -> Any:
+  """``target``'s tree with each leaf replaced by ``values[path]``; every mismatch reported."""
+  flat = _flatten(target)
+  problems = []
+  for path in values:
+    if path not in flat:
+      problems.append(f"unexpected: {source} has {'/'.join(path)}, the target has no such {what}")
+  for path, leaf in flat.items():
+    if isinstance(leaf, optax.MaskedNode):
+      continue
+    if path not in values:
+      problems.append(f"missing: the target's {'/'.join(path)} is not in {source}")
+      continue
+    (shape, dtype), value = _shape_dtype(leaf), values[path]
+    if value.shape != shape:
+      problems.append(
+        f"mis-shaped: {'/'.join(path)} is {value.shape} in {source}, {shape} in the target"
+      )
+    elif value.dtype != dtype:
+      problems.append(
+        f"wrong dtype: {'/'.join(path)} is {value.dtype} in {source}, {dtype} in the target"
+      )
+  if problems:
+    raise ConversionError(f"the {what}s do not match the target model:\n  " + "\n  ".join(problems))
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: leaf if isinstance(leaf, optax.MaskedNode) else values[_keys(path)],
+    target,
+    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+  )
 
 
 def _keys(path: Any) -> Path:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def to_flax(ckpt: KerasCheckpoint, target: Any, *,
-            layer_map: Mapping[str, str] | None = None) -> Any:
-    """Keras's variables as a tree shaped like ``target``.
+def to_flax(
+  ckpt: KerasCheckpoint, target: Any, *, layer_map: Mapping[str, str] | None = None
+) -> Any:
+  """Keras's variables as a tree shaped like ``target``.
 
-    Args:
-      ckpt: What a reader returned.
-      target: The Flax model's variables as nested dicts, e.g.
-        ``nnx.to_pure_dict(nnx.state(model))`` (parameters and batch statistics together) or
-        ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``; arrays or ``jax.ShapeDtypeStruct``.
-      layer_map: Keras layer name -> '/'-joined Flax module path, for modules named differently.
+  Args:
+    ckpt: What a reader returned.
+    target: The Flax model's variables as nested dicts, e.g.
+      ``nnx.to_pure_dict(nnx.state(model))`` (parameters and batch statistics together) or
+      ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``; arrays or ``jax.ShapeDtypeStruct``.
+    layer_map: Keras layer name -> '/'-joined Flax module path, for modules named differently.
 
-    Returns:
-      ``target``'s tree holding the checkpoint's NumPy arrays.
+  Returns:
+    ``target``'s tree holding the checkpoint's NumPy arrays.
 
-    Raises:
-      ConversionError: listing every target variable the checkpoint lacks, every checkpoint
-        variable the target lacks, and every shape or dtype that differs.
-    """
-    paths = variable_paths(ckpt.layers, layer_map)
-    values = {paths[layer.name, var]: np.asarray(value)
-              for layer in ckpt.layers for var, value in layer.weights.items()}
-    return _fill(target, values, "variable", source=f"the {ckpt.format} checkpoint")
+  Raises:
+    ConversionError: listing every target variable the checkpoint lacks, every checkpoint
+      variable the target lacks, and every shape or dtype that differs.
+  """
+  paths = variable_paths(ckpt.layers, layer_map)
+  values = {
+    paths[layer.name, var]: np.asarray(value)
+    for layer in ckpt.layers
+    for var, value in layer.weights.items()
+  }
+  return _fill(target, values, "variable", source=f"the {ckpt.format} checkpoint")
 
 
-def from_flax(variables: Any, layers: list[KerasLayer], *,
-              layer_map: Mapping[str, str] | None = None) -> list[KerasLayer]:
-    """Flax variables back into Keras layers, shaped and named as ``layers`` (a template).
+def from_flax(
+  variables: Any, layers: list[KerasLayer], *, layer_map: Mapping[str, str] | None = None
+) -> list[KerasLayer]:
+  """Flax variables back into Keras layers, shaped and named as ``layers`` (a template).
 
-    Raises:
-      ConversionError: if a variable of the template is missing from ``variables`` or differs in
-        shape or dtype.
-    """
-    flat, paths = _flatten(variables), variable_paths(layers, layer_map)
-    out, problems = [], []
-    for layer in layers:
-        weights = {}
-        for var, like in layer.weights.items():
-            path = paths[layer.name, var]
-            if path not in flat:
-                problems.append(f"missing: {'/'.join(path)} (Keras {layer.name}/{var})")
-                continue
-            value = np.asarray(flat[path])
-            if value.shape != like.shape or value.dtype != like.dtype:
-                problems.append(f"mis-shaped: {'/'.join(path)} is {value.dtype}{list(value.shape)}"
-                                f", Keras {layer.name}/{var} is {like.dtype}{list(like.shape)}")
-            weights[var] = value
-        out.append(KerasLayer(layer.name, layer.class_name, weights, layer.trainable,
-                              layer.config))
-    if problems:
-        raise ConversionError("the Flax variables do not match the Keras layers:\n  "
-                              + "\n  ".join(problems))
-    return out
+  Raises:
+    ConversionError: if a variable of the template is missing from ``variables`` or differs in
+      shape or dtype.
+  """
+  flat, paths = _flatten(variables), variable_paths(layers, layer_map)
+  out, problems = [], []
+  for layer in layers:
+    weights = {}
+    for var, like in layer.weights.items():
+      path = paths[layer.name, var]
+      if path not in flat:
+        problems.append(f"missing: {'/'.join(path)} (Keras {layer.name}/{var})")
+        continue
+      value = np.asarray(flat[path])
+      if value.shape != like.shape or value.dtype != like.dtype:
+        problems.append(
+          f"mis-shaped: {'/'.join(path)} is {value.dtype}{list(value.shape)}"
+          f", Keras {layer.name}/{var} is {like.dtype}{list(like.shape)}"
+        )
+      weights[var] = value
+    out.append(KerasLayer(layer.name, layer.class_name, weights, layer.trainable, layer.config))
+  if problems:
+    raise ConversionError(
+      "the Flax variables do not match the Keras layers:\n  " + "\n  ".join(problems)
+    )
+  return out
 
 
 def keras_optimizer(ckpt: KerasCheckpoint) -> optax.GradientTransformation:
-    """The adamjax transformation that continues ``ckpt``'s Keras Adam exactly.
+  """The adamjax transformation that continues ``ckpt``'s Keras Adam exactly.
 
-    ``adamjax.keras_adam`` with the checkpoint's ``learning_rate`` (the stored float32 value),
-    ``beta_1``, ``beta_2``, ``epsilon``, ``amsgrad``, weight decay and clipping; Keras's defaults
-    for anything the format does not store (TF checkpoints keep no optimizer config).
+  ``adamjax.keras_adam`` with the checkpoint's ``learning_rate`` (the stored float32 value),
+  ``beta_1``, ``beta_2``, ``epsilon``, ``amsgrad``, weight decay and clipping; Keras's defaults
+  for anything the format does not store (TF checkpoints keep no optimizer config).
 
-    Raises:
-      ConversionError: for state the converter cannot carry over exactly: no optimizer in the
-        checkpoint, a learning-rate schedule, EMA, gradient accumulation, a loss scale, an
-        unknown option.
-    """
-    opt = _require_optimizer(ckpt)
-    config = dict(opt.config)
-    for key, why in _REFUSED_OPTIONS.items():
-        if config.get(key) not in (None, False, 0):
-            raise ConversionError(f"the checkpoint's {opt.class_name} has {key}={config[key]!r}, "
-                                  f"which the converter cannot carry over exactly: {why}")
-    unknown = sorted(set(config) - set(_ADAM_ARGS) - set(_REFUSED_OPTIONS) - _IGNORED_KEYS)
-    if unknown:
-        raise ConversionError(f"the checkpoint's {opt.class_name} config has options the "
-                              f"converter does not know: {unknown}")
-    lr = config.get("learning_rate")
-    if isinstance(lr, dict):
-        raise ConversionError(
-            f"the checkpoint's learning rate is a schedule ({lr.get('class_name', lr)}); the "
-            "converter carries over only a constant learning rate (continuing with a schedule "
-            "it does not reproduce exactly would silently change every step)")
-    if opt.learning_rate is not None:
-        lr = opt.learning_rate
-    if lr is None:
-        raise ConversionError(f"the {ckpt.format} checkpoint stores no learning rate")
-    learning_rate = float(lr)
-    kwargs = {k: config[k] for k in _ADAM_ARGS if config.get(k) is not None}
-    if opt.class_name == "AdamW":
-        return adamjax.keras_adamw(learning_rate, **kwargs)
-    if opt.class_name != "Adam":
-        raise ConversionError(f"the checkpoint's optimizer is {opt.class_name}; only Keras "
-                              "Adam and AdamW are supported")
-    return adamjax.keras_adam(learning_rate, **kwargs)
+  Raises:
+    ConversionError: for state the converter cannot carry over exactly: no optimizer in the
+      checkpoint, a learning-rate schedule, EMA, gradient accumulation, a loss scale, an
+      unknown option.
+  """
+  opt = _require_optimizer(ckpt)
+  config = dict(opt.config)
+  for key, why in _REFUSED_OPTIONS.items():
+    if config.get(key) not in (None, False, 0):
+      raise ConversionError(
+        f"the checkpoint's {opt.class_name} has {key}={config[key]!r}, "
+        f"which the converter cannot carry over exactly: {why}"
+      )
+  unknown = sorted(set(config) - set(_ADAM_ARGS) - set(_REFUSED_OPTIONS) - _IGNORED_KEYS)
+  if unknown:
+    raise ConversionError(
+      f"the checkpoint's {opt.class_name} config has options the converter does not know: {unknown}"
+    )
+  lr = config.get("learning_rate")
+  if isinstance(lr, dict):
+    raise ConversionError(
+      f"the checkpoint's learning rate is a schedule ({lr.get('class_name', lr)}); the "
+      "converter carries over only a constant learning rate (continuing with a schedule "
+      "it does not reproduce exactly would silently change every step)"
+    )
+  if opt.learning_rate is not None:
+    lr = opt.learning_rate
+  if lr is None:
+    raise ConversionError(f"the {ckpt.format} checkpoint stores no learning rate")
+  learning_rate = float(lr)
+  kwargs = {k: config[k] for k in _ADAM_ARGS if config.get(k) is not None}
+  if opt.class_name == "AdamW":
+    return adamjax.keras_adamw(learning_rate, **kwargs)
+  if opt.class_name != "Adam":
+    raise ConversionError(
+      f"the checkpoint's optimizer is {opt.class_name}; only Keras Adam and AdamW are supported"
+    )
+  return adamjax.keras_adam(learning_rate, **kwargs)
 
 
 def _require_optimizer(ckpt: KerasCheckpoint) -> KerasAdamState:
-    if ckpt.optimizer is None:
-        raise ConversionError(f"the {ckpt.format} checkpoint holds no optimizer state"
-                              + (f" ({'; '.join(ckpt.notes)})" if ckpt.notes else ""))
-    return ckpt.optimizer
+  if ckpt.optimizer is None:
+    raise ConversionError(
+      f"the {ckpt.format} checkpoint holds no optimizer state"
+      + (f" ({'; '.join(ckpt.notes)})" if ckpt.notes else "")
+    )
+  return ckpt.optimizer
 
 
 def _map_states(state: Any, fn: Callable[[Any], Any]) -> Any:
-    """Rebuilds an optax state tree, replacing the NamedTuples ``fn`` handles (others recursed)."""
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        replaced = fn(state)
-        if replaced is not None:
-            return replaced
-        return type(state)(*(_map_states(s, fn) for s in state))
-    if isinstance(state, (tuple, list)):
-        return type(state)(_map_states(s, fn) for s in state)
-    if isinstance(state, dict):  # e.g. optax.multi_transform's inner states, by label.
-        return {k: _map_states(v, fn) for k, v in state.items()}
-    return state
+  """Rebuilds an optax state tree, replacing the NamedTuples ``fn`` handles (others recursed)."""
+  if isinstance(state, tuple) and hasattr(state, "_fields"):
+    replaced = fn(state)
+    if replaced is not None:
+      return replaced
+    return type(state)(*(_map_states(s, fn) for s in state))
+  if isinstance(state, (tuple, list)):
+    return type(state)(_map_states(s, fn) for s in state)
+  if isinstance(state, dict):  # e.g. optax.multi_transform's inner states, by label.
+    return {k: _map_states(v, fn) for k, v in state.items()}
+  return state
 
 
-def adam_state(ckpt: KerasCheckpoint, tx: optax.GradientTransformation, params: Any, *,
-               layer_map: Mapping[str, str] | None = None) -> optax.OptState:
-    """``tx.init(params)`` with Keras's Adam slots and iteration count filled in.
+def adam_state(
+  ckpt: KerasCheckpoint,
+  tx: optax.GradientTransformation,
+  params: Any,
+  *,
+  layer_map: Mapping[str, str] | None = None,
+) -> optax.OptState:
+  """``tx.init(params)`` with Keras's Adam slots and iteration count filled in.
 
-    ``tx`` is ``keras_optimizer(ckpt)`` (exact), or any chain around ``adamjax.keras_adam``,
-    ``optax.masked`` included (a masked-out leaf must be one Keras keeps no slot for: a frozen
-    layer). ``optax.adam`` is accepted too, for comparisons, with the same slots: its update is
-    not Keras's, so it does not continue the run exactly.
+  ``tx`` is ``keras_optimizer(ckpt)`` (exact), or any chain around ``adamjax.keras_adam``,
+  ``optax.masked`` included (a masked-out leaf must be one Keras keeps no slot for: a frozen
+  layer). ``optax.adam`` is accepted too, for comparisons, with the same slots: its update is
+  not Keras's, so it does not continue the run exactly.
 
-    Args:
-      ckpt: A checkpoint with optimizer state.
-      tx: The transformation whose state to build.
-      params: The trainable parameters (nested dicts; arrays or ``ShapeDtypeStruct``s).
-      layer_map: As in :func:`to_flax`.
+  Args:
+    ckpt: A checkpoint with optimizer state.
+    tx: The transformation whose state to build.
+    params: The trainable parameters (nested dicts; arrays or ``ShapeDtypeStruct``s).
+    layer_map: As in :func:`to_flax`.
 
-    Returns:
-      The optimizer state: every moment from Keras, every step counter at Keras's ``iterations``.
+  Returns:
+    The optimizer state: every moment from Keras, every step counter at Keras's ``iterations``.
 
-    Raises:
-      ConversionError: if a slot has no parameter, a parameter the optimizer updates has no slot,
-        a shape differs, ``iterations`` does not fit int32, or ``tx`` has state the converter
-        does not know how to fill (it says which).
-    """
-    opt = _require_optimizer(ckpt)
-    if not 0 <= opt.iterations < 2**31:
-        raise ConversionError(f"iterations={opt.iterations} does not fit adamjax's int32 count")
-    count = np.int32(opt.iterations)
-    paths = variable_paths(ckpt.layers, layer_map)
-    source = f"the {ckpt.format} checkpoint's Adam slots"
+  Raises:
+    ConversionError: if a slot has no parameter, a parameter the optimizer updates has no slot,
+      a shape differs, ``iterations`` does not fit int32, or ``tx`` has state the converter
+      does not know how to fill (it says which).
+  """
+  opt = _require_optimizer(ckpt)
+  if not 0 <= opt.iterations < 2**31:
+    raise ConversionError(f"iterations={opt.iterations} does not fit adamjax's int32 count")
+  count = np.int32(opt.iterations)
+  paths = variable_paths(ckpt.layers, layer_map)
+  source = f"the {ckpt.format} checkpoint's Adam slots"
 
-    def slots(named: dict[tuple[str, str], np.ndarray], like: Any, what: str) -> Any:
-        values = {}
-        for key, value in named.items():
-            if key not in paths:
-                raise ConversionError(f"{what} slot for {key[0]}/{key[1]}, a variable the "
-                                      "checkpoint's layers do not have")
-            values[paths[key]] = np.asarray(value)
-        return _fill(like, values, f"{what} slot", source=source)
+  def slots(named: dict[tuple[str, str], np.ndarray], like: Any, what: str) -> Any:
+    values = {}
+    for key, value in named.items():
+      if key not in paths:
+        raise ConversionError(
+          f"{what} slot for {key[0]}/{key[1]}, a variable the checkpoint's layers do not have"
+        )
+      values[paths[key]] = np.asarray(value)
+    return _fill(like, values, f"{what} slot", source=source)
 
-    def fill(s: Any) -> Any:
-        if isinstance(s, (adamjax.ScaleByKerasAdamState, optax.ScaleByAdamState)):
-            fields = dict(count=count, mu=slots(opt.momentums, s.mu, "momentum"),
-                          nu=slots(opt.velocities, s.nu, "velocity"))
-            if isinstance(s, adamjax.ScaleByKerasAdamState):
-                if (s.nu_max is None) != (not opt.velocity_hats):
-                    raise ConversionError(
-                        f"the checkpoint's amsgrad={bool(opt.velocity_hats)} but the optimizer's "
-                        f"amsgrad={s.nu_max is not None}")
-                fields["nu_max"] = (None if s.nu_max is None else
-                                    slots(opt.velocity_hats, s.nu_max, "velocity_hat"))
-            return type(s)(**fields)
-        if isinstance(s, (adamjax.KerasWeightDecayState,) + _clip_states()):
-            return type(s)(step=count)  # 0-based step counters, as Keras's iterations.
-        if isinstance(s, optax.ScaleByScheduleState):
-            return type(s)(count=count)
-        if isinstance(s, (optax.EmptyState, optax.MaskedState)) or not jax.tree.leaves(s):
-            return None
-        if type(s).__name__ in ("InjectHyperparamsState", "InjectStatefulHyperparamsState",
-                                "PartitionState", "MultiTransformState"):
-            return None  # Wrappers: their inner states are filled (the counts below).
-        raise ConversionError(f"the optimizer has a {type(s).__name__} state the converter does "
-                              "not know how to fill from a Keras checkpoint")
+  def fill(s: Any) -> Any:
+    if isinstance(s, (adamjax.ScaleByKerasAdamState, optax.ScaleByAdamState)):
+      fields = dict(
+        count=count,
+        mu=slots(opt.momentums, s.mu, "momentum"),
+        nu=slots(opt.velocities, s.nu, "velocity"),
+      )
+      if isinstance(s, adamjax.ScaleByKerasAdamState):
+        if (s.nu_max is None) != (not opt.velocity_hats):
+          raise ConversionError(
+            f"the checkpoint's amsgrad={bool(opt.velocity_hats)} but the optimizer's "
+            f"amsgrad={s.nu_max is not None}"
+          )
+        fields["nu_max"] = (
+          None if s.nu_max is None else slots(opt.velocity_hats, s.nu_max, "velocity_hat")
+        )
+      return type(s)(**fields)
+    if isinstance(s, (adamjax.KerasWeightDecayState,) + _clip_states()):
+      return type(s)(step=count)  # 0-based step counters, as Keras's iterations.
+    if isinstance(s, optax.ScaleByScheduleState):
+      return type(s)(count=count)
+    if isinstance(s, (optax.EmptyState, optax.MaskedState)) or not jax.tree.leaves(s):
+      return None
+    if type(s).__name__ in (
+      "InjectHyperparamsState",
+      "InjectStatefulHyperparamsState",
+      "PartitionState",
+      "MultiTransformState",
+    ):
+      return None  # Wrappers: their inner states are filled (the counts below).
+    raise ConversionError(
+      f"the optimizer has a {type(s).__name__} state the converter does "
+      "not know how to fill from a Keras checkpoint"
+    )
 
-    state = _map_states(tx.init(params), fill)
-    return _map_states(state, lambda s: s._replace(count=count) if type(s).__name__ in (
-        "InjectHyperparamsState", "InjectStatefulHyperparamsState") else None)
+  state = _map_states(tx.init(params), fill)
+  return _map_states(
+    state,
+    lambda s: (
+      s._replace(count=count)
+      if type(s).__name__ in ("InjectHyperparamsState", "InjectStatefulHyperparamsState")
+      else None
+    ),
+  )
 
 
 def _clip_states() -> tuple[type, ...]:
-    from adamjax._keras_clip import KerasClipState
-    return (KerasClipState,)
+  from adamjax._keras_clip import KerasClipState
+
+  return (KerasClipState,)
 
 
 def _adam_states(state: Any):
-    """The Adam states in an optimizer state, as dicts; also in one Orbax restored untyped
-    (where each NamedTuple became a dict of its fields)."""
-    if isinstance(state, (adamjax.ScaleByKerasAdamState, optax.ScaleByAdamState)):
-        yield state._asdict()
-    elif isinstance(state, dict) and {"count", "mu", "nu"} <= set(state):
-        yield state
-    elif isinstance(state, dict):
-        for value in state.values():
-            yield from _adam_states(value)
-    elif isinstance(state, (tuple, list)):
-        for value in state:
-            yield from _adam_states(value)
+  """The Adam states in an optimizer state, as dicts; also in one Orbax restored untyped
+  (where each NamedTuple became a dict of its fields)."""
+  if isinstance(state, (adamjax.ScaleByKerasAdamState, optax.ScaleByAdamState)):
+    yield state._asdict()
+  elif isinstance(state, dict) and {"count", "mu", "nu"} <= set(state):
+    yield state
+  elif isinstance(state, dict):
+    for value in state.values():
+      yield from _adam_states(value)
+  elif isinstance(state, (tuple, list)):
+    for value in state:
+      yield from _adam_states(value)
 
 
-def keras_adam_state(opt_state: optax.OptState, params: Any, layers: list[KerasLayer], *,
-                     class_name: str = "Adam", config: Mapping[str, Any] | None = None,
-                     learning_rate: float | None = None,
-                     layer_map: Mapping[str, str] | None = None) -> KerasAdamState:
-    """The reverse of :func:`adam_state`: an adamjax Keras-Adam state as Keras's optimizer variables.
+def keras_adam_state(
+  opt_state: optax.OptState,
+  params: Any,
+  layers: list[KerasLayer],
+  *,
+  class_name: str = "Adam",
+  config: Mapping[str, Any] | None = None,
+  learning_rate: float | None = None,
+  layer_map: Mapping[str, str] | None = None,
+) -> KerasAdamState:
+  """The reverse of :func:`adam_state`: an adamjax Keras-Adam state as Keras's optimizer variables.
 
-    Args:
-      opt_state: A state holding one ``ScaleByKerasAdamState`` (or ``optax.ScaleByAdamState``),
-        typed or as Orbax restores it without a target (dicts of the fields).
-      params: The parameters it belongs to (for the tree paths only).
-      layers: The Keras layers (a template: names, classes, trainable variables).
-      class_name, config: Keras's optimizer class and config to record.
-      learning_rate: The learning rate Keras should store (float32); None if a schedule.
-      layer_map: As in :func:`to_flax`.
+  Args:
+    opt_state: A state holding one ``ScaleByKerasAdamState`` (or ``optax.ScaleByAdamState``),
+      typed or as Orbax restores it without a target (dicts of the fields).
+    params: The parameters it belongs to (for the tree paths only).
+    layers: The Keras layers (a template: names, classes, trainable variables).
+    class_name, config: Keras's optimizer class and config to record.
+    learning_rate: The learning rate Keras should store (float32); None if a schedule.
+    layer_map: As in :func:`to_flax`.
 
-    Raises:
-      ConversionError: if the state has no (or more than one) Adam state, or a trainable Keras
-        variable has no moment in it.
-    """
-    del params
-    found = list(_adam_states(opt_state))
-    if len(found) != 1:
-        raise ConversionError(f"expected one Adam state in the optimizer state, found {len(found)}")
-    (s,) = found
-    paths = variable_paths(layers, layer_map)
-    mu, nu = _flatten(s["mu"]), _flatten(s["nu"])
-    nu_max = _flatten(s["nu_max"]) if s.get("nu_max") is not None else {}
-    momentums, velocities, hats, problems = {}, {}, {}, []
-    for layer in layers:
-        for var in layer.trainable:
-            path = paths[layer.name, var]
-            if path not in mu or isinstance(mu[path], optax.MaskedNode):
-                problems.append(f"{layer.name}/{var} (Flax {'/'.join(path)})")
-                continue
-            momentums[layer.name, var] = np.asarray(mu[path])
-            velocities[layer.name, var] = np.asarray(nu[path])
-            if nu_max:
-                hats[layer.name, var] = np.asarray(nu_max[path])
-    if problems:
-        raise ConversionError("trainable Keras variables without Adam moments in the optimizer "
-                              "state: " + ", ".join(problems))
-    return KerasAdamState(
-        class_name=class_name, config=dict(config or {}), iterations=int(np.asarray(s["count"])),
-        learning_rate=None if learning_rate is None else np.float32(learning_rate),
-        momentums=momentums, velocities=velocities, velocity_hats=hats)
+  Raises:
+    ConversionError: if the state has no (or more than one) Adam state, or a trainable Keras
+      variable has no moment in it.
+  """
+  del params
+  found = list(_adam_states(opt_state))
+  if len(found) != 1:
+    raise ConversionError(f"expected one Adam state in the optimizer state, found {len(found)}")
+  (s,) = found
+  paths = variable_paths(layers, layer_map)
+  mu, nu = _flatten(s["mu"]), _flatten(s["nu"])
+  nu_max = _flatten(s["nu_max"]) if s.get("nu_max") is not None else {}
+  momentums, velocities, hats, problems = {}, {}, {}, []
+  for layer in layers:
+    for var in layer.trainable:
+      path = paths[layer.name, var]
+      if path not in mu or isinstance(mu[path], optax.MaskedNode):
+        problems.append(f"{layer.name}/{var} (Flax {'/'.join(path)})")
+        continue
+      momentums[layer.name, var] = np.asarray(mu[path])
+      velocities[layer.name, var] = np.asarray(nu[path])
+      if nu_max:
+        hats[layer.name, var] = np.asarray(nu_max[path])
+  if problems:
+    raise ConversionError(
+      "trainable Keras variables without Adam moments in the optimizer "
+      "state: " + ", ".join(problems)
+    )
+  return KerasAdamState(
+    class_name=class_name,
+    config=dict(config or {}),
+    iterations=int(np.asarray(s["count"])),
+    learning_rate=None if learning_rate is None else np.float32(learning_rate),
+    momentums=momentums,
+    velocities=velocities,
+    velocity_hats=hats,
+  )

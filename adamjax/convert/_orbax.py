@@ -30,172 +30,217 @@ BATCH_STATS = frozenset({"moving_mean", "moving_variance"})  # Flax's BatchStat 
 
 
 def flax_variables(ckpt: KerasCheckpoint) -> dict[str, dict[str, Any]]:
-    """``{"params": ..., "batch_stats": ...}`` as Flax names them, built from the checkpoint alone.
+  """``{"params": ..., "batch_stats": ...}`` as Flax names them, built from the checkpoint alone.
 
-    Module names are the Keras layer names; BatchNorm moving statistics go to ``batch_stats``
-    (NNX ``BatchStat``), every other variable to ``params`` (NNX ``Param``).
-    """
-    paths = _flax.variable_paths(ckpt.layers)
-    out: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
-    for layer in ckpt.layers:
-        for var, value in layer.weights.items():
-            node = out["batch_stats" if var in BATCH_STATS else "params"]
-            *modules, leaf = paths[layer.name, var]
-            for name in modules:
-                node = node.setdefault(name, {})
-            node[leaf] = np.asarray(value)
-    return out
+  Module names are the Keras layer names; BatchNorm moving statistics go to ``batch_stats``
+  (NNX ``BatchStat``), every other variable to ``params`` (NNX ``Param``).
+  """
+  paths = _flax.variable_paths(ckpt.layers)
+  out: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
+  for layer in ckpt.layers:
+    for var, value in layer.weights.items():
+      node = out["batch_stats" if var in BATCH_STATS else "params"]
+      *modules, leaf = paths[layer.name, var]
+      for name in modules:
+        node = node.setdefault(name, {})
+      node[leaf] = np.asarray(value)
+  return out
 
 
 def trainable_mask(ckpt: KerasCheckpoint, params: Any) -> Any | None:
-    """``params``-shaped booleans, True where Keras trains the variable; None if all are trained."""
-    paths = _flax.variable_paths(ckpt.layers)
-    trained = {paths[layer.name, var] for layer in ckpt.layers for var in layer.trainable}
-    mask = jax.tree_util.tree_map_with_path(lambda p, _: _flax._keys(p) in trained, params)
-    return None if all(jax.tree.leaves(mask)) else mask
+  """``params``-shaped booleans, True where Keras trains the variable; None if all are trained."""
+  paths = _flax.variable_paths(ckpt.layers)
+  trained = {paths[layer.name, var] for layer in ckpt.layers for var in layer.trainable}
+  mask = jax.tree_util.tree_map_with_path(lambda p, _: _flax._keys(p) in trained, params)
+  return None if all(jax.tree.leaves(mask)) else mask
 
 
 def converted_optimizer(ckpt: KerasCheckpoint, params: Any) -> optax.GradientTransformation:
-    """``keras_optimizer(ckpt)`` on Keras's trainable variables; the frozen ones never change.
+  """``keras_optimizer(ckpt)`` on Keras's trainable variables; the frozen ones never change.
 
-    With a frozen layer this is ``optax.multi_transform`` with labels ``"trainable"`` (Keras Adam)
-    and ``"frozen"`` (``optax.set_to_zero``): ``optax.masked`` alone would pass the frozen
-    variables' raw gradients through as updates.
-    """
-    tx = _flax.keras_optimizer(ckpt)
-    mask = trainable_mask(ckpt, params)
-    if mask is None:
-        return tx
-    labels = jax.tree.map(lambda trained: "trainable" if trained else "frozen", mask)
-    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+  With a frozen layer this is ``optax.multi_transform`` with labels ``"trainable"`` (Keras Adam)
+  and ``"frozen"`` (``optax.set_to_zero``): ``optax.masked`` alone would pass the frozen
+  variables' raw gradients through as updates.
+  """
+  tx = _flax.keras_optimizer(ckpt)
+  mask = trainable_mask(ckpt, params)
+  if mask is None:
+    return tx
+  labels = jax.tree.map(lambda trained: "trainable" if trained else "frozen", mask)
+  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def _layers_json(layers: list[KerasLayer]) -> list[dict[str, Any]]:
-    return [{"name": layer.name, "class_name": layer.class_name,
-             "weights": {var: [list(np.shape(v)), str(np.asarray(v).dtype)]
-                         for var, v in layer.weights.items()},
-             "trainable": list(layer.trainable)} for layer in layers]
+  return [
+    {
+      "name": layer.name,
+      "class_name": layer.class_name,
+      "weights": {
+        var: [list(np.shape(v)), str(np.asarray(v).dtype)] for var, v in layer.weights.items()
+      },
+      "trainable": list(layer.trainable),
+    }
+    for layer in layers
+  ]
 
 
 def _layers_from_json(rows: list[dict[str, Any]]) -> list[KerasLayer]:
-    return [KerasLayer(row["name"], row["class_name"],
-                       {var: np.zeros(shape, dtype) for var, (shape, dtype) in
-                        row["weights"].items()}, tuple(row["trainable"])) for row in rows]
+  return [
+    KerasLayer(
+      row["name"],
+      row["class_name"],
+      {var: np.zeros(shape, dtype) for var, (shape, dtype) in row["weights"].items()},
+      tuple(row["trainable"]),
+    )
+    for row in rows
+  ]
 
 
-def save_converted(ckpt: KerasCheckpoint, directory: str | os.PathLike, *,
-                   source: str = "", overwrite: bool = False) -> dict[str, Any]:
-    """Writes ``ckpt`` as a converted Orbax checkpoint (see the module docstring).
+def save_converted(
+  ckpt: KerasCheckpoint, directory: str | os.PathLike, *, source: str = "", overwrite: bool = False
+) -> dict[str, Any]:
+  """Writes ``ckpt`` as a converted Orbax checkpoint (see the module docstring).
 
-    The directory appears complete or not at all: everything is written into a temporary sibling,
-    which is renamed into place at the end.
+  The directory appears complete or not at all: everything is written into a temporary sibling,
+  which is renamed into place at the end.
 
-    Returns:
-      The metadata written to ``adamjax_convert.json``.
+  Returns:
+    The metadata written to ``adamjax_convert.json``.
 
-    Raises:
-      ConversionError: if the checkpoint has no optimizer state or cannot be continued exactly.
-      FileExistsError: if ``directory`` exists and ``overwrite`` is False.
-    """
-    import orbax.checkpoint as ocp
+  Raises:
+    ConversionError: if the checkpoint has no optimizer state or cannot be continued exactly.
+    FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+  """
+  import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} exists; choose another output or pass overwrite")
-    variables = flax_variables(ckpt)
-    tx = converted_optimizer(ckpt, variables["params"])
-    opt_state = _flax.adam_state(ckpt, tx, variables["params"])
-    opt = ckpt.optimizer
-    assert opt is not None  # adam_state refused a checkpoint without one.
-    tree = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-            "opt_state": opt_state, "step": np.int32(opt.iterations)}
-    meta = {
-        "source": str(source), "format": ckpt.format, "notes": list(ckpt.notes),
-        "layers": _layers_json(ckpt.layers),
-        "optimizer": {"class_name": opt.class_name, "config": opt.config,
-                      "learning_rate": None if opt.learning_rate is None
-                      else float(opt.learning_rate),
-                      "iterations": opt.iterations, "amsgrad": bool(opt.velocity_hats)},
-        "model_config": ckpt.model_config,
-    }
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(tmp / STATE, tree)
-    (tmp / METADATA).write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return meta
+  directory = Path(directory).absolute()
+  if directory.exists() and not overwrite:
+    raise FileExistsError(f"{directory} exists; choose another output or pass overwrite")
+  variables = flax_variables(ckpt)
+  tx = converted_optimizer(ckpt, variables["params"])
+  opt_state = _flax.adam_state(ckpt, tx, variables["params"])
+  opt = ckpt.optimizer
+  assert opt is not None  # adam_state refused a checkpoint without one.
+  tree = {
+    "params": variables["params"],
+    "batch_stats": variables["batch_stats"],
+    "opt_state": opt_state,
+    "step": np.int32(opt.iterations),
+  }
+  meta = {
+    "source": str(source),
+    "format": ckpt.format,
+    "notes": list(ckpt.notes),
+    "layers": _layers_json(ckpt.layers),
+    "optimizer": {
+      "class_name": opt.class_name,
+      "config": opt.config,
+      "learning_rate": None if opt.learning_rate is None else float(opt.learning_rate),
+      "iterations": opt.iterations,
+      "amsgrad": bool(opt.velocity_hats),
+    },
+    "model_config": ckpt.model_config,
+  }
+  tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp / STATE, tree)
+  (tmp / METADATA).write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
+  if directory.exists():
+    shutil.rmtree(directory)
+  os.replace(tmp, directory)
+  return meta
 
 
 def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"cannot write {type(x).__name__} to JSON")
+  if isinstance(x, np.generic):
+    return x.item()
+  raise TypeError(f"cannot write {type(x).__name__} to JSON")
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / METADATA
-    if not path.is_file():
-        raise ConversionError(f"{directory} is not a converted checkpoint (no {METADATA})")
-    return json.loads(path.read_text())
+  path = Path(directory) / METADATA
+  if not path.is_file():
+    raise ConversionError(f"{directory} is not a converted checkpoint (no {METADATA})")
+  return json.loads(path.read_text())
 
 
 def template(meta: dict[str, Any]) -> KerasCheckpoint:
-    """A zero-valued ``KerasCheckpoint`` with the converted checkpoint's layers and optimizer."""
-    layers = _layers_from_json(meta["layers"])
-    o = meta["optimizer"]
-    zeros = {(layer.name, var): layer.weights[var] for layer in layers for var in layer.trainable}
-    opt = KerasAdamState(o["class_name"], o["config"], o["iterations"],
-                         None if o["learning_rate"] is None else np.float32(o["learning_rate"]),
-                         zeros, zeros, zeros if o["amsgrad"] else {})
-    return KerasCheckpoint(meta["format"], layers, opt, meta.get("model_config"))
+  """A zero-valued ``KerasCheckpoint`` with the converted checkpoint's layers and optimizer."""
+  layers = _layers_from_json(meta["layers"])
+  o = meta["optimizer"]
+  zeros = {(layer.name, var): layer.weights[var] for layer in layers for var in layer.trainable}
+  opt = KerasAdamState(
+    o["class_name"],
+    o["config"],
+    o["iterations"],
+    None if o["learning_rate"] is None else np.float32(o["learning_rate"]),
+    zeros,
+    zeros,
+    zeros if o["amsgrad"] else {},
+  )
+  return KerasCheckpoint(meta["format"], layers, opt, meta.get("model_config"))
 
 
 def restore_converted(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Reads a converted checkpoint: ``({"params", "batch_stats", "opt_state", "step"}, meta)``.
+  """Reads a converted checkpoint: ``({"params", "batch_stats", "opt_state", "step"}, meta)``.
 
-    The abstract target (tree structure, shapes, dtypes, optimizer NamedTuples) is rebuilt from
-    the metadata, so the optimizer state comes back as the optimizer's own types.
-    """
-    import orbax.checkpoint as ocp
+  The abstract target (tree structure, shapes, dtypes, optimizer NamedTuples) is rebuilt from
+  the metadata, so the optimizer state comes back as the optimizer's own types.
+  """
+  import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
-    meta = read_metadata(directory)
-    like = template(meta)
-    variables = flax_variables(like)
-    opt_state = _flax.adam_state(like, converted_optimizer(like, variables["params"]),
-                                 variables["params"])
-    tree = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-            "opt_state": opt_state, "step": np.int32(0)}
-    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=host), tree)
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(directory / STATE, abstract)
-    return jax.tree.map(np.asarray, restored), meta
+  directory = Path(directory).absolute()
+  meta = read_metadata(directory)
+  like = template(meta)
+  variables = flax_variables(like)
+  opt_state = _flax.adam_state(
+    like, converted_optimizer(like, variables["params"]), variables["params"]
+  )
+  tree = {
+    "params": variables["params"],
+    "batch_stats": variables["batch_stats"],
+    "opt_state": opt_state,
+    "step": np.int32(0),
+  }
+  host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=host), tree
+  )
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(directory / STATE, abstract)
+  return jax.tree.map(np.asarray, restored), meta
 
 
-def to_keras_checkpoint(tree: dict[str, Any], layers: list[KerasLayer], *,
-                        optimizer: KerasAdamState | None, model_config: dict | None = None,
-                        fmt: str = "adamjax") -> KerasCheckpoint:
-    """Flax variables and an adamjax Adam state as a ``KerasCheckpoint`` (for the writers).
+def to_keras_checkpoint(
+  tree: dict[str, Any],
+  layers: list[KerasLayer],
+  *,
+  optimizer: KerasAdamState | None,
+  model_config: dict | None = None,
+  fmt: str = "adamjax",
+) -> KerasCheckpoint:
+  """Flax variables and an adamjax Adam state as a ``KerasCheckpoint`` (for the writers).
 
-    Args:
-      tree: ``{"params": ..., "batch_stats": ..., "opt_state": ...}`` (batch_stats optional).
-      layers: The Keras layers to fill (names, classes, trainable variables): a template.
-      optimizer: The template's optimizer (class, config, learning rate), or None to write
-        weights only.
-    """
-    variables = {**tree.get("batch_stats", {})}
-    for name, module in tree["params"].items():
-        variables[name] = {**variables.get(name, {}), **module}
-    new_layers = _flax.from_flax(variables, layers)
-    opt = None
-    if optimizer is not None:
-        opt = _flax.keras_adam_state(
-            tree["opt_state"], tree["params"], new_layers, class_name=optimizer.class_name,
-            config=optimizer.config, learning_rate=optimizer.learning_rate)
-    return KerasCheckpoint(fmt, new_layers, opt, model_config)
+  Args:
+    tree: ``{"params": ..., "batch_stats": ..., "opt_state": ...}`` (batch_stats optional).
+    layers: The Keras layers to fill (names, classes, trainable variables): a template.
+    optimizer: The template's optimizer (class, config, learning rate), or None to write
+      weights only.
+  """
+  variables = {**tree.get("batch_stats", {})}
+  for name, module in tree["params"].items():
+    variables[name] = {**variables.get(name, {}), **module}
+  new_layers = _flax.from_flax(variables, layers)
+  opt = None
+  if optimizer is not None:
+    opt = _flax.keras_adam_state(
+      tree["opt_state"],
+      tree["params"],
+      new_layers,
+      class_name=optimizer.class_name,
+      config=optimizer.config,
+      learning_rate=optimizer.learning_rate,
+    )
+  return KerasCheckpoint(fmt, new_layers, opt, model_config)

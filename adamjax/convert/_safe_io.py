@@ -38,268 +38,281 @@ _NUMERIC_KINDS = "fiub"
 
 
 def _h5py():
-    try:
-        import h5py
-    except ImportError as e:  # pragma: no cover - h5py is a dependency of adamjax[convert]
-        raise ConversionError("reading HDF5 needs h5py: pip install adamjax[convert]") from e
-    return h5py
+  try:
+    import h5py
+  except ImportError as e:  # pragma: no cover - h5py is a dependency of adamjax[convert]
+    raise ConversionError("reading HDF5 needs h5py: pip install adamjax[convert]") from e
+  return h5py
 
 
 class SafeH5:
-    """An HDF5 file checked, as a whole, to hold only groups and plain numeric datasets.
+  """An HDF5 file checked, as a whole, to hold only groups and plain numeric datasets.
 
-    Construct it on an open ``h5py.File``; the constructor walks every object and raises on the
-    first thing that is not allowed, so the accessors below only ever touch checked objects.
+  Construct it on an open ``h5py.File``; the constructor walks every object and raises on the
+  first thing that is not allowed, so the accessors below only ever touch checked objects.
 
-    Attributes:
-      groups: Every group path (``""`` for the root, ``"layers/dense/vars"``), in the order the
-        writer created them (HDF5 object addresses: a file written once in sequence allocates
-        them in order; h5py itself lists names alphabetically).
-      datasets: Dataset path -> (shape, dtype), in the same order.
+  Attributes:
+    groups: Every group path (``""`` for the root, ``"layers/dense/vars"``), in the order the
+      writer created them (HDF5 object addresses: a file written once in sequence allocates
+      them in order; h5py itself lists names alphabetically).
+    datasets: Dataset path -> (shape, dtype), in the same order.
+  """
+
+  def __init__(self, file: Any, source: str, max_bytes: int = DEFAULT_MAX_BYTES):
+    self.file = file
+    self.source = source
+    self.groups: list[str] = []
+    self.datasets: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    self._walk(max_bytes)
+
+  def _error(self, path: str, reason: str) -> ConversionError:
+    return ConversionError(f"{self.source}: refusing HDF5 object /{path}: {reason}")
+
+  def _walk(self, max_bytes: int) -> None:
+    h5py = _h5py()
+    total = 0
+    found: list[tuple[int, str, Any]] = []  # (address, path, object)
+    stack = [("", self.file)]
+    while stack:
+      path, group = stack.pop()
+      found.append((h5py.h5o.get_info(group.id).addr, path, group))
+      if len(found) > _MAX_OBJECTS:
+        raise self._error(path, f"more than {_MAX_OBJECTS} objects")
+      for name in group:
+        child = f"{path}/{name}" if path else name
+        link = group.get(name, getlink=True)
+        # Checked before the link is followed: following it is what would open the
+        # other file.
+        if isinstance(link, h5py.ExternalLink):
+          raise self._error(child, f"external link to {link.filename}:{link.path}")
+        if isinstance(link, h5py.SoftLink):
+          raise self._error(child, f"soft link to {link.path}")
+        kind = group.get(name, getclass=True)
+        if kind not in (h5py.Group, h5py.Dataset):
+          raise self._error(child, f"a {getattr(kind, '__name__', kind)}, not a group or dataset")
+        obj = group[name]
+        # Keras writes every object once; a second hard link makes an alias or a cycle.
+        if h5py.h5o.get_info(obj.id).rc != 1:
+          raise self._error(child, "an object reachable by several paths (hard links)")
+        if kind is h5py.Group:
+          stack.append((child, obj))
+        else:
+          total += self._check_dataset(child, obj)
+          if total > max_bytes:
+            raise self._error(
+              child, f"the datasets declare more than max_bytes={max_bytes} bytes in total"
+            )
+          found.append((h5py.h5o.get_info(obj.id).addr, child, obj))
+    for _, path, obj in sorted(found, key=lambda f: f[0]):
+      if isinstance(obj, h5py.Dataset):
+        self.datasets[path] = (obj.shape, obj.dtype)
+      else:
+        self.groups.append(path)
+
+  def _check_dataset(self, path: str, ds: Any) -> int:
+    dtype = ds.dtype
+    if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype:
+      # Keras writes bfloat16 as 2-byte opaque data (saving_lib.H5IOStore.__setitem__).
+      hint = "; bfloat16 variables are not supported" if dtype.kind == "V" else ""
+      raise self._error(
+        path,
+        f"dtype {dtype} is not a plain number type (object, "
+        "string, variable-length, reference and compound data are "
+        f"refused{hint})",
+      )
+    if ds.external:
+      raise self._error(path, f"its data is stored in external files {ds.external}")
+    if ds.is_virtual:
+      raise self._error(path, "a virtual dataset (its data comes from other files)")
+    if ds.shape is None:
+      raise self._error(path, "a dataset with no shape (null dataspace)")
+    declared = math.prod(ds.shape) * dtype.itemsize
+    stored = ds.id.get_storage_size()
+    if declared > _BOMB_FLOOR_BYTES and declared > _BOMB_MAX_EXPANSION * stored:
+      raise self._error(path, f"declares {declared} bytes but stores {stored}")
+    return declared
+
+  def read(self, path: str) -> np.ndarray:
+    """A checked dataset's values (0-d datasets as 0-d arrays), in the stored dtype."""
+    if path not in self.datasets:
+      raise ConversionError(f"{self.source}: no dataset /{path}")
+    return np.asarray(self.file[path][()])
+
+  def attr_string(self, path: str, name: str) -> str | None:
+    """A string attribute of a checked object, or None if absent.
+
+    Raises:
+      ConversionError: if the attribute is not a single string.
     """
+    value = self._attr(path, name)
+    if value is None:
+      return None
+    if isinstance(value, np.ndarray) and value.shape == ():
+      value = value[()]
+    if isinstance(value, bytes):
+      value = value.decode("utf-8", errors="strict")
+    if not isinstance(value, str):
+      raise self._error(path, f"attribute {name!r} is not a string")
+    return value
 
-    def __init__(self, file: Any, source: str, max_bytes: int = DEFAULT_MAX_BYTES):
-        self.file = file
-        self.source = source
-        self.groups: list[str] = []
-        self.datasets: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-        self._walk(max_bytes)
+  def attr_strings(self, path: str, name: str) -> list[str] | None:
+    """A 1-d string-array attribute (tf-keras's ``layer_names``, ``weight_names``)."""
+    value = self._attr(path, name)
+    if value is None:
+      return None
+    if not isinstance(value, np.ndarray) or value.ndim != 1:
+      raise self._error(path, f"attribute {name!r} is not a list of strings")
+    out = []
+    for item in value.tolist():
+      if isinstance(item, bytes):
+        item = item.decode("utf-8", errors="strict")
+      if not isinstance(item, str):
+        raise self._error(path, f"attribute {name!r} holds a non-string")
+      out.append(item)
+    return out
 
-    def _error(self, path: str, reason: str) -> ConversionError:
-        return ConversionError(f"{self.source}: refusing HDF5 object /{path}: {reason}")
-
-    def _walk(self, max_bytes: int) -> None:
-        h5py = _h5py()
-        total = 0
-        found: list[tuple[int, str, Any]] = []  # (address, path, object)
-        stack = [("", self.file)]
-        while stack:
-            path, group = stack.pop()
-            found.append((h5py.h5o.get_info(group.id).addr, path, group))
-            if len(found) > _MAX_OBJECTS:
-                raise self._error(path, f"more than {_MAX_OBJECTS} objects")
-            for name in group:
-                child = f"{path}/{name}" if path else name
-                link = group.get(name, getlink=True)
-                # Checked before the link is followed: following it is what would open the
-                # other file.
-                if isinstance(link, h5py.ExternalLink):
-                    raise self._error(child, f"external link to {link.filename}:{link.path}")
-                if isinstance(link, h5py.SoftLink):
-                    raise self._error(child, f"soft link to {link.path}")
-                kind = group.get(name, getclass=True)
-                if kind not in (h5py.Group, h5py.Dataset):
-                    raise self._error(child, f"a {getattr(kind, '__name__', kind)}, not a group "
-                                             "or dataset")
-                obj = group[name]
-                # Keras writes every object once; a second hard link makes an alias or a cycle.
-                if h5py.h5o.get_info(obj.id).rc != 1:
-                    raise self._error(child, "an object reachable by several paths (hard links)")
-                if kind is h5py.Group:
-                    stack.append((child, obj))
-                else:
-                    total += self._check_dataset(child, obj)
-                    if total > max_bytes:
-                        raise self._error(child, f"the datasets declare more than max_bytes="
-                                                 f"{max_bytes} bytes in total")
-                    found.append((h5py.h5o.get_info(obj.id).addr, child, obj))
-        for _, path, obj in sorted(found, key=lambda f: f[0]):
-            if isinstance(obj, h5py.Dataset):
-                self.datasets[path] = (obj.shape, obj.dtype)
-            else:
-                self.groups.append(path)
-
-    def _check_dataset(self, path: str, ds: Any) -> int:
-        dtype = ds.dtype
-        if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype:
-            # Keras writes bfloat16 as 2-byte opaque data (saving_lib.H5IOStore.__setitem__).
-            hint = "; bfloat16 variables are not supported" if dtype.kind == "V" else ""
-            raise self._error(path, f"dtype {dtype} is not a plain number type (object, "
-                                    "string, variable-length, reference and compound data are "
-                                    f"refused{hint})")
-        if ds.external:
-            raise self._error(path, f"its data is stored in external files {ds.external}")
-        if ds.is_virtual:
-            raise self._error(path, "a virtual dataset (its data comes from other files)")
-        if ds.shape is None:
-            raise self._error(path, "a dataset with no shape (null dataspace)")
-        declared = math.prod(ds.shape) * dtype.itemsize
-        stored = ds.id.get_storage_size()
-        if declared > _BOMB_FLOOR_BYTES and declared > _BOMB_MAX_EXPANSION * stored:
-            raise self._error(path, f"declares {declared} bytes but stores {stored}")
-        return declared
-
-    def read(self, path: str) -> np.ndarray:
-        """A checked dataset's values (0-d datasets as 0-d arrays), in the stored dtype."""
-        if path not in self.datasets:
-            raise ConversionError(f"{self.source}: no dataset /{path}")
-        return np.asarray(self.file[path][()])
-
-    def attr_string(self, path: str, name: str) -> str | None:
-        """A string attribute of a checked object, or None if absent.
-
-        Raises:
-          ConversionError: if the attribute is not a single string.
-        """
-        value = self._attr(path, name)
-        if value is None:
-            return None
-        if isinstance(value, np.ndarray) and value.shape == ():
-            value = value[()]
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", errors="strict")
-        if not isinstance(value, str):
-            raise self._error(path, f"attribute {name!r} is not a string")
-        return value
-
-    def attr_strings(self, path: str, name: str) -> list[str] | None:
-        """A 1-d string-array attribute (tf-keras's ``layer_names``, ``weight_names``)."""
-        value = self._attr(path, name)
-        if value is None:
-            return None
-        if not isinstance(value, np.ndarray) or value.ndim != 1:
-            raise self._error(path, f"attribute {name!r} is not a list of strings")
-        out = []
-        for item in value.tolist():
-            if isinstance(item, bytes):
-                item = item.decode("utf-8", errors="strict")
-            if not isinstance(item, str):
-                raise self._error(path, f"attribute {name!r} holds a non-string")
-            out.append(item)
-        return out
-
-    def _attr(self, path: str, name: str) -> Any:
-        h5py = _h5py()
-        if path not in self.datasets and path not in self.groups:
-            raise ConversionError(f"{self.source}: no object /{path}")
-        obj = self.file[path] if path else self.file
-        if name not in obj.attrs:
-            return None
-        attr = obj.attrs.get_id(name)
-        if attr.shape == (0,):
-            # tf-keras writes an empty list (no weights) as an empty float64 array.
-            return np.array([], dtype=object)
-        # Attributes are read only as strings: never references or other object data.
-        if h5py.check_string_dtype(attr.dtype) is None:
-            raise self._error(path, f"attribute {name!r} has dtype {attr.dtype}, not a string")
-        if math.prod(attr.shape or ()) * max(attr.dtype.itemsize, 1) > _MAX_ATTRIBUTE_CHARS:
-            raise self._error(path, f"attribute {name!r} is too large")
-        try:
-            value = obj.attrs[name]
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise self._error(path, f"attribute {name!r} is unreadable ({e})") from None
-        chars = sum(len(v) for v in np.ravel(value)) if isinstance(value, np.ndarray) else len(
-            value)
-        if chars > _MAX_ATTRIBUTE_CHARS:
-            raise self._error(path, f"attribute {name!r} is too large")
-        return value
+  def _attr(self, path: str, name: str) -> Any:
+    h5py = _h5py()
+    if path not in self.datasets and path not in self.groups:
+      raise ConversionError(f"{self.source}: no object /{path}")
+    obj = self.file[path] if path else self.file
+    if name not in obj.attrs:
+      return None
+    attr = obj.attrs.get_id(name)
+    if attr.shape == (0,):
+      # tf-keras writes an empty list (no weights) as an empty float64 array.
+      return np.array([], dtype=object)
+    # Attributes are read only as strings: never references or other object data.
+    if h5py.check_string_dtype(attr.dtype) is None:
+      raise self._error(path, f"attribute {name!r} has dtype {attr.dtype}, not a string")
+    if math.prod(attr.shape or ()) * max(attr.dtype.itemsize, 1) > _MAX_ATTRIBUTE_CHARS:
+      raise self._error(path, f"attribute {name!r} is too large")
+    try:
+      value = obj.attrs[name]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+      raise self._error(path, f"attribute {name!r} is unreadable ({e})") from None
+    chars = sum(len(v) for v in np.ravel(value)) if isinstance(value, np.ndarray) else len(value)
+    if chars > _MAX_ATTRIBUTE_CHARS:
+      raise self._error(path, f"attribute {name!r} is too large")
+    return value
 
 
 @contextlib.contextmanager
-def open_h5(data: bytes | str | os.PathLike, source: str,
-            max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SafeH5]:
-    """Opens an HDF5 file (a path, or bytes held in memory) read-only and checks all of it.
+def open_h5(
+  data: bytes | str | os.PathLike, source: str, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Iterator[SafeH5]:
+  """Opens an HDF5 file (a path, or bytes held in memory) read-only and checks all of it.
 
-    Raises:
-      ConversionError: if it is not HDF5 or holds anything :class:`SafeH5` refuses.
-    """
-    h5py = _h5py()
-    target = io.BytesIO(data) if isinstance(data, bytes) else os.fspath(data)
-    try:
-        file = h5py.File(target, "r")
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{source}: not a readable HDF5 file ({e})") from None
-    with file:
-        yield SafeH5(file, source, max_bytes)
+  Raises:
+    ConversionError: if it is not HDF5 or holds anything :class:`SafeH5` refuses.
+  """
+  h5py = _h5py()
+  target = io.BytesIO(data) if isinstance(data, bytes) else os.fspath(data)
+  try:
+    file = h5py.File(target, "r")
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{source}: not a readable HDF5 file ({e})") from None
+  with file:
+    yield SafeH5(file, source, max_bytes)
 
 
 _MEMBER_NAME = re.compile(r"^[^/\\:\x00]+(/[^/\\:\x00]+)*/?$")
 
 
-def read_zip(path: str | os.PathLike, allowed: frozenset[str], ignored_prefix: str,
-             max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, bytes]:
-    """Reads the allowed members of a zip archive into memory, checking every member first.
+def read_zip(
+  path: str | os.PathLike,
+  allowed: frozenset[str],
+  ignored_prefix: str,
+  max_bytes: int = DEFAULT_MAX_BYTES,
+) -> dict[str, bytes]:
+  """Reads the allowed members of a zip archive into memory, checking every member first.
 
-    Args:
-      path: The archive.
-      allowed: The member names to read; any other member is refused, except those under
-        ``ignored_prefix``, which are skipped unread.
-      ignored_prefix: A folder whose members are tolerated and ignored (``"assets/"``).
-      max_bytes: Cap on the sum of the declared sizes of the members read.
+  Args:
+    path: The archive.
+    allowed: The member names to read; any other member is refused, except those under
+      ``ignored_prefix``, which are skipped unread.
+    ignored_prefix: A folder whose members are tolerated and ignored (``"assets/"``).
+    max_bytes: Cap on the sum of the declared sizes of the members read.
 
-    Returns:
-      Member name -> contents, for the allowed members present.
+  Returns:
+    Member name -> contents, for the allowed members present.
 
-    Raises:
-      ConversionError: for a non-zip file, a member name with ``..``, an absolute or drive
-        path or a backslash, duplicate or encrypted members, an unexpected member, or declared
-        sizes over ``max_bytes``.
-    """
-    source = os.fspath(path)
-    try:
-        archive = zipfile.ZipFile(path, "r")
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ConversionError(f"{source}: not a readable zip archive ({e})") from None
-    with archive:
-        infos = archive.infolist()
-        names = [info.filename for info in infos]
-        for name in names:
-            parts = name.rstrip("/").split("/")
-            if not _MEMBER_NAME.match(name) or ".." in parts or "." in parts:
-                raise ConversionError(f"{source}: refusing zip member {name!r}: absolute, "
-                                      "parent-relative or malformed member names are not "
-                                      "allowed")
-        if len(set(names)) != len(names):
-            raise ConversionError(f"{source}: refusing a zip archive with duplicate members")
-        total = 0
-        wanted = []
-        for info in infos:
-            if info.filename.startswith(ignored_prefix):
-                continue
-            if info.filename not in allowed:
-                raise ConversionError(f"{source}: refusing unexpected zip member "
-                                      f"{info.filename!r} (allowed: {sorted(allowed)} and "
-                                      f"{ignored_prefix}*)")
-            if info.flag_bits & 0x1:
-                raise ConversionError(f"{source}: refusing encrypted zip member {info.filename!r}")
-            # The declared size bounds what zipfile will inflate (it stops there and checks the
-            # CRC), so checking it bounds the memory used.
-            total += info.file_size
-            if total > max_bytes:
-                raise ConversionError(f"{source}: refusing zip member {info.filename!r}: the "
-                                      f"members declare more than max_bytes={max_bytes} bytes "
-                                      f"({info.file_size} for this one)")
-            wanted.append(info)
-        out = {}
-        for info in wanted:
-            try:
-                out[info.filename] = archive.read(info)
-            except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as e:
-                raise ConversionError(f"{source}: zip member {info.filename!r} is unreadable "
-                                      f"({e})") from None
-        return out
+  Raises:
+    ConversionError: for a non-zip file, a member name with ``..``, an absolute or drive
+      path or a backslash, duplicate or encrypted members, an unexpected member, or declared
+      sizes over ``max_bytes``.
+  """
+  source = os.fspath(path)
+  try:
+    archive = zipfile.ZipFile(path, "r")
+  except (zipfile.BadZipFile, OSError) as e:
+    raise ConversionError(f"{source}: not a readable zip archive ({e})") from None
+  with archive:
+    infos = archive.infolist()
+    names = [info.filename for info in infos]
+    for name in names:
+      parts = name.rstrip("/").split("/")
+      if not _MEMBER_NAME.match(name) or ".." in parts or "." in parts:
+        raise ConversionError(
+          f"{source}: refusing zip member {name!r}: absolute, "
+          "parent-relative or malformed member names are not "
+          "allowed"
+        )
+    if len(set(names)) != len(names):
+      raise ConversionError(f"{source}: refusing a zip archive with duplicate members")
+    total = 0
+    wanted = []
+    for info in infos:
+      if info.filename.startswith(ignored_prefix):
+        continue
+      if info.filename not in allowed:
+        raise ConversionError(
+          f"{source}: refusing unexpected zip member "
+          f"{info.filename!r} (allowed: {sorted(allowed)} and "
+          f"{ignored_prefix}*)"
+        )
+      if info.flag_bits & 0x1:
+        raise ConversionError(f"{source}: refusing encrypted zip member {info.filename!r}")
+      # The declared size bounds what zipfile will inflate (it stops there and checks the
+      # CRC), so checking it bounds the memory used.
+      total += info.file_size
+      if total > max_bytes:
+        raise ConversionError(
+          f"{source}: refusing zip member {info.filename!r}: the "
+          f"members declare more than max_bytes={max_bytes} bytes "
+          f"({info.file_size} for this one)"
+        )
+      wanted.append(info)
+    out = {}
+    for info in wanted:
+      try:
+        out[info.filename] = archive.read(info)
+      except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as e:
+        raise ConversionError(
+          f"{source}: zip member {info.filename!r} is unreadable ({e})"
+        ) from None
+    return out
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[str]:
-    """Yields a temporary path beside ``path``; on success it replaces ``path`` in one step.
+  """Yields a temporary path beside ``path``; on success it replaces ``path`` in one step.
 
-    A reader of ``path`` sees either the old file or the complete new one, never a partial
-    write; on an error the temporary file is removed and ``path`` is untouched.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    os.close(fd)
-    # mkstemp makes the file private (0600); give the result the mode open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+  A reader of ``path`` sees either the old file or the complete new one, never a partial
+  write; on an error the temporary file is removed and ``path`` is untouched.
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  os.close(fd)
+  # mkstemp makes the file private (0600); give the result the mode open() would.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
