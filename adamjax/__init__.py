@@ -32,6 +32,7 @@ from adamjax._loss_scale import (
   unscale_gradients,
 )
 from adamjax._optax_adam import ScaleByAdamState, adam, adamw, scale_by_adam
+from adamjax._sharding import state_sharding
 from adamjax._tf1_adam import ScaleByTF1AdamState, scale_by_tf1_adam, tf1_adam
 from adamjax._torch_adam import ScaleByTorchAdamState, scale_by_torch_adam, torch_adam, torch_adamw
 
@@ -64,6 +65,7 @@ __all__ = [
   "scale_by_tf1_adam",
   "scale_by_torch_adam",
   "scale_loss",
+  "state_sharding",
   "tf1_adam",
   "torch_adam",
   "torch_adamw",
