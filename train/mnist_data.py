@@ -21,7 +21,7 @@ comes from where it says) and its own error propagates. Whatever the source, the
 serialise to IDX bytes with the canonical MNIST sha256 digests and have the canonical class counts
 (``MnistIntegrityError`` otherwise); only then are they returned and written to the cache.
 
-Facts and digests: ``shared/reference/mnist-data.md``. Run ``python -m train.mnist_data`` to load,
+Digests: ``EXPECTED_SHA256``, ``EXPECTED_CLASS_COUNTS``. Run ``python -m train.mnist_data`` to load,
 verify and print them.
 """
 

@@ -6,7 +6,7 @@ The ``_CHECKPOINTABLE_OBJECT_GRAPH`` entry says what every key is: nodes are obj
 are attributes, and a variable is the same node wherever it is reached from. Everything here
 (and in ``_tf_optimizer.py``) works on node ids, never on key prefixes.
 
-Layers are found as Keras lays them out (``reference/keras-checkpoints.md`` §1.4, §1.8): Keras 3
+Layers are found as Keras 3.15 and tf-keras 2.21 lay them out: Keras 3
 ``model/_functional/_operations/<i>/_kernel`` (a Sequential wraps a Functional), tf-keras
 ``model/layer-<i>/kernel``.
 

@@ -1,6 +1,6 @@
 """Read an Adam optimizer's state out of a TF2 checkpoint's object graph, by object identity.
 
-Three optimizers leave three layouts (``reference/keras-checkpoints.md`` §1.4, §1.8, §1.9):
+Three optimizers leave three layouts (as Keras 3.15 and tf-keras 2.21 write them):
 
 - Keras 3 ``Adam``: the optimizer tracks ``_trainable_variables`` and the lists ``_momentums``,
   ``_velocities`` (and ``_velocity_hats`` under AMSGrad) that share its index ``k``.
