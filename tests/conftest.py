@@ -3,7 +3,7 @@
 import os
 
 # Keras picks its backend once, at import. The in-process Keras is the JAX backend; the
-# TensorFlow-backend reference runs in a subprocess (reference_runners.run_keras_tf).
+# TensorFlow-backend reference runs in a subprocess (adamjax.testing.run_keras_tf).
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -1,28 +1,22 @@
 """The Keras models the converter is tested on, built the same way by every fixture script.
 
-Import this only in a process that has chosen its Keras backend; it imports nothing itself.
+Import this only in a process that has chosen its Keras backend; it imports no Keras itself (each
+builder takes the `keras` or `tf_keras` module). The tutorial MLP is `adamjax.testing`'s.
 """
 
 import numpy as np
 
+from adamjax.testing import tutorial_mlp
 
-def tutorial_mlp(keras, *, optimizer="adam"):
-  """The Keras tutorial: Flatten -> Dense(128, relu) -> Dropout(0.2) -> Dense(10), compiled."""
-  model = keras.Sequential(
-    [
-      keras.Input((28, 28)),
-      keras.layers.Flatten(),
-      keras.layers.Dense(128, activation="relu"),
-      keras.layers.Dropout(0.2),
-      keras.layers.Dense(10),
-    ]
-  )
-  model.compile(
-    optimizer=optimizer,
-    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    metrics=["accuracy"],
-  )
-  return model
+__all__ = [
+  "batches",
+  "key",
+  "keras3_values",
+  "small_cnn",
+  "tf_keras_values",
+  "train",
+  "tutorial_mlp",
+]
 
 
 def small_cnn(keras, *, optimizer="adam"):

@@ -15,16 +15,17 @@ import functools
 import numpy as np
 import optax
 import pytest
-from adamjax_runner import run_optax, ulps
-from reference_runners import (
-  make_gradient_sequence,
-  make_params,
-  run_keras_jax,
-  run_keras_tf,
-  run_tf1_adam,
-)
 
 import adamjax
+from adamjax.testing import (
+  make_gradient_sequence,
+  make_params,
+  max_ulps,
+  run_keras_jax,
+  run_keras_tf,
+  run_optax,
+  run_tf1_adam,
+)
 
 SHAPES = {"bias": (7,), "kernel": (3, 5), "conv": (2, 3, 4), "scale": ()}
 STEPS = 1000
@@ -66,7 +67,7 @@ def _compare(ours, reference, amsgrad=False):
   }
   if amsgrad:
     pairs["v_hat"] = (ours["nu_max"], reference.v_hat)
-  return {k: ulps(a, b) for k, (a, b) in pairs.items()}
+  return {k: max_ulps(a, b) for k, (a, b) in pairs.items()}
 
 
 @pytest.mark.parametrize("config", sorted(KERAS_CONFIGS))

@@ -1,9 +1,10 @@
-"""Sanity checks of the reference harness (tests/reference_runners.py) itself.
+"""Sanity checks of the reference harness (adamjax.testing) itself.
 
 The parity tests trust these runners to be the real Keras 3 / TF v1 Adam fed the intended
 gradients; here we check that they are: the two Keras backends agree, the TF v1 runner uses the
 float32 running-product beta powers, a float64 textbook epsilon-hat Adam tracks Keras, and the
-ulp metric means what it says.
+ulp metric means what it says; and the pieces under them: Keras in a subprocess on another
+backend, and the tutorial model.
 """
 
 import os
@@ -12,13 +13,19 @@ os.environ["KERAS_BACKEND"] = "jax"  # Before Keras is first imported (conftest 
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from reference_runners import (  # noqa: E402
+
+from adamjax.testing import (  # noqa: E402
+  TUTORIAL_LAYER_NAMES,
+  KerasSubprocessError,
+  call_in_keras_backend,
   make_gradient_sequence,
   make_params,
+  max_abs_diff,
   max_ulps,
   run_keras_jax,
   run_keras_tf,
   run_tf1_adam,
+  tutorial_mlp,
   ulp_distance,
 )
 
@@ -110,6 +117,120 @@ def test_ulp_distance_across_zero_and_specials():
     )
     == 1
   )
+
+
+def test_max_ulps_and_max_abs_diff_over_trees():
+  f = np.float32
+  a = {"w": np.array([1.0, -2.0], f), "inner": [np.array(0.5, f), np.zeros((0,), f)]}
+  b = {"w": np.array([1.0, -2.0], f), "inner": [np.nextafter(f(0.5), f(1)), np.zeros((0,), f)]}
+  b["w"][1] = np.nextafter(np.nextafter(f(-2.0), f(-3)), f(-3))
+  assert max_ulps(a, b) == 2
+  assert max_ulps(a, a) == 0
+  assert max_abs_diff(a, b) == pytest.approx(2.0 * 2**-22)
+  assert max_ulps({}, {}) == 0
+  with pytest.raises(ValueError):
+    max_ulps({"w": a["w"]}, {"v": a["w"]})
+
+
+# --------------------------------------------------------------------------------------------
+# Keras on another backend, in a subprocess
+# --------------------------------------------------------------------------------------------
+
+WORKER = """
+import os
+import sys
+
+import numpy as np
+
+
+def describe(arrays, spec):
+  import keras
+
+  return {
+    "backend": np.asarray(keras.backend.backend()),
+    "adamjax_loaded": np.asarray("adamjax" in sys.modules),
+    "doubled": keras.ops.convert_to_numpy(keras.ops.multiply(arrays["x"], spec["factor"])),
+    "flags": arrays["flags"],
+  }
+
+
+def fail(arrays, spec):
+  raise ValueError("the worker refuses: " + spec["why"])
+
+
+def switch_backend(arrays, spec):
+  os.environ["KERAS_BACKEND"] = "numpy"
+  import keras
+
+  return {"backend": np.asarray(keras.backend.backend())}
+"""
+
+
+@pytest.fixture
+def worker(tmp_path):
+  path = tmp_path / "worker.py"
+  path.write_text(WORKER)
+  return path
+
+
+def test_call_in_keras_backend_runs_the_function_there(worker):
+  x = np.arange(6, dtype=np.float32).reshape(2, 3)
+  flags = np.array([True, False])
+  out = call_in_keras_backend(
+    "tensorflow", worker, "describe", {"x": x, "flags": flags}, {"factor": 2.0}
+  )
+  assert str(out["backend"]) == "tensorflow"
+  # The worker file is loaded by path, and the child machinery imports nothing of adamjax.
+  assert not bool(out["adamjax_loaded"])
+  assert out["doubled"].dtype == np.float32
+  np.testing.assert_array_equal(out["doubled"], 2 * x)
+  np.testing.assert_array_equal(out["flags"], flags)
+
+
+def test_call_in_keras_backend_reports_the_child_traceback(worker):
+  with pytest.raises(KerasSubprocessError, match="the worker refuses: on purpose") as info:
+    call_in_keras_backend("tensorflow", worker, "fail", {}, {"why": "on purpose"})
+  assert "Traceback" in str(info.value) and "KERAS_BACKEND=tensorflow" in str(info.value)
+
+
+def test_call_in_keras_backend_checks_the_backend_keras_ran_on(worker):
+  with pytest.raises(KerasSubprocessError, match="ran Keras on 'numpy', not 'tensorflow'"):
+    call_in_keras_backend("tensorflow", worker, "switch_backend")
+
+
+# --------------------------------------------------------------------------------------------
+# The tutorial model
+# --------------------------------------------------------------------------------------------
+
+
+def test_tutorial_mlp_is_the_tutorials_model_with_stable_names():
+  import keras
+
+  first, second = tutorial_mlp(keras), tutorial_mlp(keras, hidden=16, dropout_rate=0.5)
+  for model, hidden, rate in ((first, 128, 0.2), (second, 16, 0.5)):
+    assert tuple(layer.name for layer in model.layers) == TUTORIAL_LAYER_NAMES
+    assert [type(layer).__name__ for layer in model.layers] == [
+      "Flatten",
+      "Dense",
+      "Dropout",
+      "Dense",
+    ]
+    shapes = {
+      f"{layer.name}/{v.name}": tuple(v.shape) for layer in model.layers for v in layer.weights
+    }
+    assert shapes == {
+      "dense/kernel": (784, hidden),
+      "dense/bias": (hidden,),
+      "dense_1/kernel": (hidden, 10),
+      "dense_1/bias": (10,),
+    }
+    assert model.layers[1].activation is keras.activations.relu
+    assert model.layers[3].activation is keras.activations.linear
+    assert model.layers[2].rate == rate
+    assert model.loss.from_logits
+    assert np.all(model.layers[1].bias.numpy() == 0)
+  assert isinstance(first.optimizer, keras.optimizers.Adam)
+  assert float(first.optimizer.learning_rate.numpy()) == pytest.approx(1e-3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +340,7 @@ def test_keras_tracks_float64_textbook_eps_hat_adam(inputs, keras_jax_eager):
   first = {k: g[:steps] for k, g in grads.items()}
   # Keras takes 1 - beta in double (1 - 0.999 = 0.001) but rounds beta to float32 before
   # the powers, so the float64 reference does the same; mixing them up is a 1.3e-5 relative
-  # error in v and in 1 - beta_2 ** t (reference §6.1, §6.2).
+  # error in v and in 1 - beta_2 ** t.
   hyper = dict(
     lr=1e-3, b1=0.9, b2=0.999, power_b1=float(np.float32(0.9)), power_b2=float(np.float32(0.999))
   )
