@@ -22,9 +22,9 @@ runs it), each in a subprocess (Keras picks its backend at import); `torch.optim
 (loss = sum of x * tanh(x) over leaves): per-leaf tree + optax.adam against flat buffers read
 through `layout.unravel` + adamjax.adam.
 
-  python benchmarks/adam_step.py            # full run, a few minutes; writes
+  python -m benchmarks.adam_step            # full run, a few minutes; writes
                                             # benchmarks/results/adam_step_cpu.md
-  python benchmarks/adam_step.py --quick    # seconds: a smoke test of the harness
+  python -m benchmarks.adam_step --quick    # seconds: a smoke test of the harness
 """
 
 from __future__ import annotations
@@ -607,7 +607,7 @@ def write_report(
   toy: list[dict[str, Any]],
   elapsed: float,
 ) -> str:
-  command = "python benchmarks/adam_step.py " + " ".join(sys.argv[1:])
+  command = "python -m benchmarks.adam_step " + " ".join(sys.argv[1:])
   trees = "; ".join(
     f"{c}: {len(leaf_shapes(tree_shapes(c, args.params, args.mixed_leaves)))} leaves"
     for c in args.configs

@@ -9,9 +9,9 @@ load on a shared machine hits them alike.
 
 Reported per variant: the first epoch (which, for Keras, includes tracing and compilation),
 train/mnist.py's separate compile time, seconds per epoch as the median over epochs 2.. of the
-median over repeats (compile excluded), and the ratios. Usage::
+median over repeats (compile excluded), and the ratios. Usage, from the repository root::
 
-    python benchmarks/mnist_vs_keras.py [--epochs 3] [--repeats 3] [--json out.json]
+    python -m benchmarks.mnist_vs_keras [--epochs 3] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from adamjax.testing import call_in_keras_backend
+from train.mnist_data import load_mnist
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> (label, KERAS_BACKEND or None for train/mnist.py)
   "keras_tf": ("Keras fit, TensorFlow backend", "tensorflow"),
@@ -36,30 +41,16 @@ VARIANTS = {  # name -> (label, KERAS_BACKEND or None for train/mnist.py)
 CPU_THREADS = {"adamjax_all_threads": "all"}
 
 
-def keras_worker(epochs: int, seed: int, data_source: str) -> None:
-  """Runs in a subprocess with KERAS_BACKEND set; prints one JSON line with the timings."""
-  sys.path.insert(0, str(ROOT))
+def keras_fit_seconds(arrays: dict, spec: dict) -> dict[str, np.ndarray]:
+  """Runs in a subprocess with KERAS_BACKEND set (``call_in_keras_backend``): times ``fit``."""
   import keras
 
-  from train.mnist_data import load_mnist
+  from adamjax.testing import tutorial_mlp
 
-  mnist = load_mnist(source=data_source, verbose=False)
+  mnist = load_mnist(source=spec["data_source"], verbose=False)
   x_train, x_test = mnist.train_images / 255.0, mnist.test_images / 255.0  # The tutorial's.
-  keras.utils.set_random_seed(seed)
-  model = keras.Sequential(
-    [
-      keras.Input((28, 28)),
-      keras.layers.Flatten(),
-      keras.layers.Dense(128, activation="relu"),
-      keras.layers.Dropout(0.2),
-      keras.layers.Dense(10),
-    ]
-  )
-  model.compile(
-    optimizer=keras.optimizers.Adam(1e-3),
-    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    metrics=["accuracy"],
-  )
+  keras.utils.set_random_seed(spec["seed"])
+  model = tutorial_mlp(keras, optimizer=keras.optimizers.Adam(1e-3))
 
   class Timer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
@@ -73,41 +64,31 @@ def keras_worker(epochs: int, seed: int, data_source: str) -> None:
     x_train,
     mnist.train_labels,
     batch_size=32,
-    epochs=epochs,
+    epochs=spec["epochs"],
     validation_data=(x_test, mnist.test_labels),
     callbacks=[Timer()],
     verbose=0,
   )
-  print(
-    json.dumps(
-      {
-        "backend": keras.backend.backend(),
-        "seconds": seconds,
-        "compile_seconds": None,
-        "test_accuracy": history.history["val_accuracy"][-1],
-      }
-    )
-  )
+  return {
+    "seconds": np.asarray(seconds),
+    "test_accuracy": np.asarray(history.history["val_accuracy"][-1]),
+  }
 
 
 def run_variant(name: str, epochs: int, seed: int, data_source: str) -> dict:
   backend = VARIANTS[name][1]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   if backend is not None:
-    env["KERAS_BACKEND"] = backend
-    cmd = [
-      sys.executable,
-      __file__,
-      "--worker",
-      "--epochs",
-      str(epochs),
-      "--seed",
-      str(seed),
-      "--data-source",
-      data_source,
-    ]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    spec = {"epochs": epochs, "seed": seed, "data_source": data_source}
+    out = call_in_keras_backend(
+      backend, __file__, "keras_fit_seconds", {}, spec, timeout=None, pythonpath=[ROOT]
+    )
+    return {
+      "backend": backend,
+      "seconds": out["seconds"].tolist(),
+      "compile_seconds": None,
+      "test_accuracy": float(out["test_accuracy"]),
+    }
   with tempfile.TemporaryDirectory() as workdir:
     cmd = [
       sys.executable,
@@ -144,18 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--data-source", default="auto")
   parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
   parser.add_argument("--json", help="also write the raw timings here")
-  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  if args.worker:
-    keras_worker(args.epochs, args.seed, args.data_source)
-    return {}
   if args.epochs < 2:
     parser.error("--epochs must be at least 2 (epoch 1 includes compilation)")
 
   # Fetch and verify MNIST once, before anything is timed.
-  sys.path.insert(0, str(ROOT))
-  from train.mnist_data import load_mnist
-
   load_mnist(source=args.data_source, verbose=False)
   # Timings on a shared machine depend on what else runs: record the load beside them.
   load_start = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -4,33 +4,30 @@ Runs the same comparisons as tests/test_keras_tf_parity.py and tests/test_optax_
 reports the figures instead of asserting bounds: max ulps and max |difference| per element over
 every step, for parameters and both moments.
 
-  KERAS_BACKEND=jax python benchmarks/parity_report.py [--steps 1000] [--seeds 0 1 2]
+  python -m benchmarks.parity_report [--steps 1000] [--seeds 0 1 2]   # from the repository root
 """
 
 import argparse
 import os
-import pathlib
-import sys
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("KERAS_BACKEND", "jax")  # Before Keras is first imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from adamjax_runner import run_optax  # noqa: E402
-from reference_runners import (  # noqa: E402
+
+import adamjax  # noqa: E402
+from adamjax.testing import (  # noqa: E402
   make_gradient_sequence,
   make_params,
   max_abs_diff,
   max_ulps,
   run_keras_jax,
   run_keras_tf,
+  run_optax,
   run_tf1_adam,
 )
-
-import adamjax  # noqa: E402
 
 SHAPES = {"bias": (7,), "kernel": (3, 5), "conv": (2, 3, 4), "scale": ()}
 

@@ -5,7 +5,7 @@ Times one jitted, donated optimizer step (update + apply_updates) on float32 par
 `fused_multiply_add=True` (XLA free to fuse), `adamjax.tf1_adam` both ways, and `optax.adam`,
 interleaved in one run; prints the median ms/step and the ratio to the fused variant.
 
-  python benchmarks/rounding_cost.py [--params 10000000] [--leaves 1] [--repeats 30]
+  python -m benchmarks.rounding_cost [--params 10000000] [--leaves 1] [--repeats 30]
 """
 
 import argparse

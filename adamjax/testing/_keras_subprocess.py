@@ -32,7 +32,7 @@ def run_in_keras_backend(
   backend: str,
   args: Sequence[str | os.PathLike],
   *,
-  timeout: float = 600.0,
+  timeout: float | None = 600.0,
   pythonpath: Sequence[str | os.PathLike] = (),
   env: Mapping[str, str] | None = None,
   cwd: str | os.PathLike | None = None,
@@ -42,7 +42,7 @@ def run_in_keras_backend(
   Args:
     backend: ``"tensorflow"``, ``"jax"`` or ``"torch"``.
     args: the interpreter's arguments (a script and its arguments, ``-m module``, ...).
-    timeout: seconds before the process is killed (``subprocess.TimeoutExpired``).
+    timeout: seconds before the process is killed (``subprocess.TimeoutExpired``); None waits.
     pythonpath: folders put first on the child's ``PYTHONPATH``.
     env: extra environment variables (``TF_CPP_MIN_LOG_LEVEL`` is 2 unless given).
     cwd: the child's working directory (default: this process's).
@@ -81,7 +81,7 @@ def call_in_keras_backend(
   arrays: Mapping[str, Any] | None = None,
   spec: Mapping[str, Any] | None = None,
   *,
-  timeout: float = 600.0,
+  timeout: float | None = 600.0,
   pythonpath: Sequence[str | os.PathLike] = (),
   env: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
