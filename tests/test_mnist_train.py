@@ -9,8 +9,8 @@ In-process runs share this process's JAX (one CPU device); the kill/resume and 8
 between runs in the same kind of process (same XLA thread pool, so the same summation order).
 """
 
+import argparse
 import dataclasses
-import importlib
 import json
 import os
 import signal
@@ -22,16 +22,21 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+from adamjax.convert import ConversionError
+from adamjax.convert._train_workdir import read_checkpoint
+from train import checkpointing, input_pipeline, mnist, models
+from train import train as train_lib
+from train.config import OPTIMIZERS, Config, add_flags
+from train.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `train` is a folder of scripts beside the package, not installed.
-  sys.path.insert(0, str(ROOT))
-mnist = importlib.import_module("train.mnist")
-
 SCRIPT = ROOT / "train" / "mnist.py"
 
 # In-process runs: 256 examples in batches of 32 (8 steps per epoch).
-TINY = mnist.Config(
+TINY = Config(
   data_source="synthetic",
   limit_train_examples=256,
   limit_test_examples=128,
@@ -88,8 +93,8 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 
 def test_model_is_the_keras_tutorial_mlp():
-  model = mnist.MLP(rngs=mnist.nnx.Rngs(params=0))
-  params = mnist.nnx.to_pure_dict(mnist.nnx.state(model, mnist.nnx.Param))
+  model = models.MLP(rngs=nnx.Rngs(params=0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   shapes = jax.tree.map(np.shape, params)
   assert shapes == {
     "dense": {"kernel": (784, 128), "bias": (128,)},
@@ -105,22 +110,22 @@ def test_model_is_the_keras_tutorial_mlp():
 
 
 def test_epoch_batches_are_a_seeded_permutation_with_a_masked_last_batch():
-  index, mask = mnist.epoch_batches(100, 32, seed=3, epoch=1)
+  index, mask = input_pipeline.epoch_batches(100, 32, seed=3, epoch=1)
   assert index.shape == mask.shape == (4, 32)  # ceil(100 / 32) steps, as Keras's fit.
   assert mask.sum() == 100 and mask[:3].all() and mask[3].sum() == 4
   assert sorted(index[mask]) == list(range(100))
-  again, _ = mnist.epoch_batches(100, 32, seed=3, epoch=1)
+  again, _ = input_pipeline.epoch_batches(100, 32, seed=3, epoch=1)
   np.testing.assert_array_equal(index, again)  # A function of (seed, epoch) only.
-  assert not np.array_equal(index, mnist.epoch_batches(100, 32, seed=3, epoch=2)[0])
-  assert not np.array_equal(index, mnist.epoch_batches(100, 32, seed=4, epoch=1)[0])
+  assert not np.array_equal(index, input_pipeline.epoch_batches(100, 32, seed=3, epoch=2)[0])
+  assert not np.array_equal(index, input_pipeline.epoch_batches(100, 32, seed=4, epoch=1)[0])
 
 
 def test_segment_ends_stop_at_checkpoints_chunks_and_the_end():
   # Epoch 2 of 10 steps (global steps 10..19), resumed at position 3, checkpoints every 4.
-  assert mnist._segment_ends(10, 3, 10, 10, 4, 0) == [6, 10]
-  assert mnist._segment_ends(10, 3, 10, 10, 0, 0) == [10]
-  assert mnist._segment_ends(0, 0, 10, 10, 0, 2) == [5, 10]
-  assert mnist._segment_ends(0, 0, 7, 10, 3, 0) == [3, 6, 7]  # Stopped by max_steps.
+  assert train_lib._segment_ends(10, 3, 10, 10, 4, 0) == [6, 10]
+  assert train_lib._segment_ends(10, 3, 10, 10, 0, 0) == [10]
+  assert train_lib._segment_ends(0, 0, 10, 10, 0, 2) == [5, 10]
+  assert train_lib._segment_ends(0, 0, 7, 10, 3, 0) == [3, 6, 7]  # Stopped by max_steps.
 
 
 def test_command_line_maps_onto_config():
@@ -156,7 +161,7 @@ def test_command_line_maps_onto_config():
     ]
   )
   assert args.workdir == "w" and args.distributed
-  assert config == mnist.Config(
+  assert config == Config(
     seed=5,
     epochs=2,
     batch_size=64,
@@ -171,8 +176,46 @@ def test_command_line_maps_onto_config():
     progress="bar",
     plot=False,
   )
-  assert mnist.parse_args([])[1] == mnist.Config()  # The defaults are the tutorial's.
-  assert set(mnist.OPTIMIZERS) == {"keras_adam", "adam", "tf1_adam", "torch_adam", "optax.adam"}
+  assert mnist.parse_args([])[1] == Config()  # The defaults are the tutorial's.
+  assert set(OPTIMIZERS) == {"keras_adam", "adam", "tf1_adam", "torch_adam", "optax.adam"}
+
+
+def test_every_config_field_is_a_flag_with_its_default():
+  parser = argparse.ArgumentParser()
+  add_flags(parser, Config)
+  flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+  fields = {f.name: f for f in dataclasses.fields(Config)}
+  assert set(flags) == set(fields)
+  for name, field in fields.items():
+    assert flags[name].default == field.default, name
+    assert flags[name].choices == field.metadata.get("choices"), name
+  assert flags["plot"].option_strings == ["--no-plot"]  # A True default is turned off.
+  assert flags["resume"].option_strings == ["--resume"]
+  _, changed = mnist.parse_args(["--hidden", "64", "--dropout-rate", "0.5"])
+  assert (changed.hidden, changed.dropout_rate) == (64, 0.5)
+
+
+@pytest.mark.parametrize("field", ["optimizer", "data_source", "progress"])
+def test_a_value_outside_a_fields_choices_is_refused_by_name(field, capsys):
+  with pytest.raises(ValueError, match=f"^{field} must be one of .* got 'nope'"):
+    Config(**{field: "nope"})
+  with pytest.raises(SystemExit):  # argparse refuses it too, naming the flag.
+    mnist.parse_args([f"--{field.replace('_', '-')}", "nope"])
+  assert f"--{field.replace('_', '-')}: invalid choice" in capsys.readouterr().err
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+  path = tmp_path / "out.txt"
+  atomic_write(path, lambda p: p.write_text("first"))
+  assert path.read_text() == "first"
+
+  def fail(p):
+    p.write_text("half")
+    raise OSError("disk full")
+
+  with pytest.raises(OSError, match="disk full"):
+    atomic_write(path, fail)
+  assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +224,7 @@ def test_command_line_maps_onto_config():
 
 def test_smoke_tiny_run_end_to_end(tmp_path, capsys):
   config = dataclasses.replace(TINY, checkpoint_every=5, progress="epoch", plot=True)
-  metrics = mnist.train_and_evaluate(config, tmp_path)
+  metrics = train_lib.train_and_evaluate(config, tmp_path)
 
   out = capsys.readouterr().out
   assert "1 device(s)" in out and "Epoch 2/2" in out and "Final test accuracy" in out
@@ -206,24 +249,24 @@ def test_smoke_tiny_run_end_to_end(tmp_path, capsys):
   assert json.loads((tmp_path / "summary.json").read_text())["step"] == 16
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
   assert saved == [10, 15, 16]  # Every 5 steps and every epoch end (8, 16); 3 kept.
-  state, meta = mnist.load_train_state(tmp_path)
+  state, meta = checkpointing.load_train_state(tmp_path)
   assert meta["step"] == 16 and meta["history"] == history
   assert_bitwise_equal(state["params"], metrics["state"].params)
 
 
-@pytest.mark.parametrize("optimizer", sorted(mnist.OPTIMIZERS))
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_every_optimizer_trains(tmp_path, optimizer):
-  metrics = mnist.train_and_evaluate(dataclasses.replace(TINY, optimizer=optimizer), tmp_path)
+  metrics = train_lib.train_and_evaluate(dataclasses.replace(TINY, optimizer=optimizer), tmp_path)
   assert metrics["history"][1]["loss"] < metrics["history"][0]["loss"]
 
 
 def test_segments_and_resume_in_process_are_bit_identical(tmp_path):
-  whole = mnist.train_and_evaluate(TINY, tmp_path / "whole")
+  whole = train_lib.train_and_evaluate(TINY, tmp_path / "whole")
   # The same run cut into segments (checkpoints every 3 steps, a progress bar in 4 chunks),
   # stopped at step 11 (mid-epoch 2) and resumed.
   cut = dataclasses.replace(TINY, checkpoint_every=3, progress="bar", progress_chunks=4)
-  mnist.train_and_evaluate(dataclasses.replace(cut, max_steps=11), tmp_path / "cut")
-  resumed = mnist.train_and_evaluate(dataclasses.replace(cut, resume=True), tmp_path / "cut")
+  train_lib.train_and_evaluate(dataclasses.replace(cut, max_steps=11), tmp_path / "cut")
+  resumed = train_lib.train_and_evaluate(dataclasses.replace(cut, resume=True), tmp_path / "cut")
   assert_bitwise_equal(whole["state"], resumed["state"])
   assert without_timings(resumed["history"]) == without_timings(whole["history"])
   assert without_timings(read_metrics(tmp_path / "cut")) == without_timings(whole["history"])
@@ -233,24 +276,24 @@ def test_partial_last_batch_averages_over_its_real_examples(tmp_path):
   # 40 examples in batches of 32: 2 steps, the second on 8 examples. Without dropout, that is
   # exactly training on batches of 32 and then 8 (as Keras's fit does), to float32 rounding.
   config = dataclasses.replace(TINY, limit_train_examples=40, epochs=1, dropout_rate=0.0)
-  padded = mnist.train_and_evaluate(config, tmp_path)["state"]
+  padded = train_lib.train_and_evaluate(config, tmp_path)["state"]
 
-  data = mnist.load_data(config, verbose=False)
-  index, mask = mnist.epoch_batches(40, 32, config.seed, 0)
-  model = mnist.MLP(dropout_rate=0.0, rngs=mnist.nnx.Rngs(params=config.seed))
-  graphdef, params = mnist.nnx.split(model, mnist.nnx.Param)
-  params = mnist.nnx.to_pure_dict(params)
-  tx = mnist.OPTIMIZERS[config.optimizer](config.learning_rate)
-  state = mnist.TrainState(
+  data = input_pipeline.load_data(config, verbose=False)
+  index, mask = input_pipeline.epoch_batches(40, 32, config.seed, 0)
+  model = models.MLP(dropout_rate=0.0, rngs=nnx.Rngs(params=config.seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  tx = OPTIMIZERS[config.optimizer](config.learning_rate)
+  state = train_lib.TrainState(
     np.int32(0), params, tx.init(params), np.float32(0), np.int32(0), np.int32(0)
   )
-  mesh = mnist.Mesh(np.array(jax.devices()[:1]), ("data",))
-  steps = mnist.make_train_steps(graphdef, tx, config.seed, mesh)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  steps = train_lib.make_train_steps(graphdef, tx, config.seed, mesh)
   for rows in (index[0], index[1][mask[1]]):  # Two unpadded batches: 32, then 8 examples.
     batch = rows[None]
     state = steps(
       state,
-      mnist.scale_pixels(data.train_images),
+      input_pipeline.scale_pixels(data.train_images),
       data.train_labels,
       batch,
       np.ones_like(batch, bool),
@@ -265,9 +308,9 @@ def test_partial_last_batch_averages_over_its_real_examples(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "corrupted", "missing"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, damage, capsys):
   config = dataclasses.replace(TINY, checkpoint_every=3, progress="epoch")
-  whole = mnist.train_and_evaluate(config, tmp_path / "whole")
+  whole = train_lib.train_and_evaluate(config, tmp_path / "whole")
   run = tmp_path / "run"
-  mnist.train_and_evaluate(dataclasses.replace(config, max_steps=11), run)
+  train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=11), run)
   latest = run / "checkpoints" / "11"
   data_files = sorted((latest / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
   if damage == "truncated":  # A write cut short.
@@ -283,7 +326,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, damage, 
     (latest / "meta" / "metadata").unlink()
   capsys.readouterr()
 
-  resumed = mnist.train_and_evaluate(dataclasses.replace(config, resume=True), run)
+  resumed = train_lib.train_and_evaluate(dataclasses.replace(config, resume=True), run)
   out, err = capsys.readouterr()
   assert f"checkpoint {latest} is damaged" in err
   assert "Resumed from" in out and "step 9 " in out
@@ -291,13 +334,33 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, damage, 
   assert_bitwise_equal(whole["state"], resumed["state"])
 
 
+def test_workdir_reader_checks_the_manifest(tmp_path):
+  """The one reader of a workdir (resume, load_train_state, `adamjax.convert to-keras`)."""
+  metrics = train_lib.train_and_evaluate(TINY, tmp_path)
+  state, meta = read_checkpoint(tmp_path)  # The newest; no model or optimizer needed.
+  assert meta["step"] == 16 and set(state) == set(train_lib.TrainState._fields)
+  assert_bitwise_equal(state["params"], metrics["state"].params)
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), metrics["state"]
+  )
+  typed, _ = read_checkpoint(tmp_path, 8, target=target)
+  assert isinstance(typed, train_lib.TrainState)  # Restored into the target, digest checked.
+
+  kernel = next((tmp_path / "checkpoints" / "16" / "state").rglob("d/*"))
+  kernel.write_bytes(kernel.read_bytes()[:-1] + b"?")
+  with pytest.raises(ConversionError, match="does not match the sha256"):
+    read_checkpoint(tmp_path)
+  with pytest.raises(ConversionError, match="holds no checkpoint"):
+    read_checkpoint(tmp_path / "elsewhere")
+
+
 def test_refuses_to_mix_runs(tmp_path):
-  mnist.train_and_evaluate(dataclasses.replace(TINY, max_steps=4), tmp_path)
+  train_lib.train_and_evaluate(dataclasses.replace(TINY, max_steps=4), tmp_path)
   with pytest.raises(FileExistsError, match="--resume"):
-    mnist.train_and_evaluate(TINY, tmp_path)
+    train_lib.train_and_evaluate(TINY, tmp_path)
   with pytest.raises(ValueError, match="seed"):
-    mnist.train_and_evaluate(dataclasses.replace(TINY, resume=True, seed=1), tmp_path)
-  metrics = mnist.train_and_evaluate(dataclasses.replace(TINY, overwrite=True), tmp_path)
+    train_lib.train_and_evaluate(dataclasses.replace(TINY, resume=True, seed=1), tmp_path)
+  metrics = train_lib.train_and_evaluate(dataclasses.replace(TINY, overwrite=True), tmp_path)
   assert metrics["step"] == 16
 
 
@@ -305,11 +368,14 @@ def test_refuses_to_mix_runs(tmp_path):
 # Real subprocesses: SIGKILL and resume, 8 devices.
 
 
-def start(workdir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def start(
+  workdir: Path, *extra: str, env: dict | None = None, command: tuple = (str(SCRIPT),)
+) -> subprocess.Popen:
+  """Starts ``python train/mnist.py`` (or ``command``, e.g. ``-m train.mnist``) on SMALL_ARGS."""
   log_path = workdir.with_suffix(f".{time.monotonic_ns()}.log")
   with open(log_path, "w") as log:
     proc = subprocess.Popen(
-      [sys.executable, str(SCRIPT), "--workdir", str(workdir), *SMALL_ARGS, *extra],
+      [sys.executable, *command, "--workdir", str(workdir), *SMALL_ARGS, *extra],
       cwd=ROOT,
       stdout=log,
       stderr=subprocess.STDOUT,
@@ -373,8 +439,8 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, reference_run):
   assert "Resumed from" in log and "Final test accuracy" in log
 
   assert killed_at == sorted(killed_at) and killed_at[0] < 64 < killed_at[1] < 128
-  ref_state, ref_meta = mnist.load_train_state(reference_run, SMALL_STEPS)
-  state, meta = mnist.load_train_state(workdir)
+  ref_state, ref_meta = checkpointing.load_train_state(reference_run, SMALL_STEPS)
+  state, meta = checkpointing.load_train_state(workdir)
   assert meta["step"] == SMALL_STEPS
   assert_bitwise_equal(ref_state, state)
   assert meta["digest"] == ref_meta["digest"]
@@ -384,13 +450,17 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, reference_run):
 def test_eight_devices_match_one_device(tmp_path, reference_run):
   workdir = tmp_path / "run"
   log = finish(
-    start(
-      workdir, "--max-steps", "72", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    start(  # As a module from the repository root, as scripts/train runs it.
+      workdir,
+      "--max-steps",
+      "72",
+      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+      command=("-m", "train.mnist"),
     )
   )
   assert "8 device(s)" in log and "data-parallel over 8 devices" in log
-  state, meta = mnist.load_train_state(workdir)
-  ref_state, _ = mnist.load_train_state(reference_run, 72)
+  state, meta = checkpointing.load_train_state(workdir)
+  ref_state, _ = checkpointing.load_train_state(reference_run, 72)
   assert meta["step"] == 72
   # Eight devices sum the batch's gradient in another order than one device: float32 rounding
   # differences (~1e-7 relative). Adam divides by sqrt(v), so where a gradient is rounding
@@ -409,8 +479,8 @@ def test_eight_devices_match_one_device(tmp_path, reference_run):
 
 @pytest.mark.slow
 def test_real_mnist_one_epoch(tmp_path):
-  metrics = mnist.train_and_evaluate(
-    dataclasses.replace(mnist.Config(), epochs=1, progress="none", plot=False), tmp_path
+  metrics = train_lib.train_and_evaluate(
+    dataclasses.replace(Config(), epochs=1, progress="none", plot=False), tmp_path
   )
   assert metrics["data_source"] in {"cache", "tfds", "idx", "pypi"}
   assert metrics["step"] == 1875

@@ -34,7 +34,6 @@ import hashlib
 import logging
 import os
 import pickle
-import secrets
 import socket
 import subprocess
 import sys
@@ -45,10 +44,13 @@ import urllib.request
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from train.files import atomic_write
 
 __all__ = [
   "EXPECTED_CLASS_COUNTS",
@@ -296,32 +298,28 @@ def _read_cache(cache_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _write_cache(cache_dir: Path, arrays: dict[str, np.ndarray]) -> None:
-  """Writes all four files under temporary names, then renames them one after the other.
+  """Writes the four IDX files, each atomically: a reader sees whole files only.
 
-  A reader never sees half a file, and the window in which a concurrent reader could see some
-  new files and some missing is a few renames wide.
+  A concurrent reader may see some files new and some old, which is harmless: every file that
+  passes its digest is the same canonical file.
   """
-  written = {}
+
+  def idx_file(array: np.ndarray) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+      with open(path, "wb") as f:
+        f.write(_idx_header(array))
+        f.write(memoryview(_idx_payload(array)).cast("B"))
+
+    return write
+
   try:
     cache_dir.mkdir(parents=True, exist_ok=True)
     for name, file in IDX_FILES.items():
-      tmp = cache_dir / f".{file}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-      with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
-        written[tmp] = cache_dir / file
-        f.write(_idx_header(arrays[name]))
-        f.write(memoryview(_idx_payload(arrays[name])).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    for tmp, final in written.items():
-      os.replace(tmp, final)
+      atomic_write(cache_dir / file, idx_file(arrays[name]))
   except OSError as e:
     warnings.warn(
       f"could not write the MNIST cache {cache_dir}: {e}", MnistCacheWarning, stacklevel=3
     )
-  finally:
-    for tmp in written:
-      with contextlib.suppress(OSError):
-        os.unlink(tmp)  # Only left over if something failed.
 
 
 # ---------------------------------------------------------------------------------------------

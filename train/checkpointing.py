@@ -1,0 +1,182 @@
+"""Checkpoints of a run, with integrity: Orbax saves, sha256 manifests, resume, quarantine.
+
+A checkpoint (``checkpoints/<step>``) holds the train state and ``meta``: the run's settings,
+epoch and step, the metrics so far and the sha256 of the state; a ``sha256.json`` beside Orbax's
+files records each file's sha256. Orbax writes into a temporary directory and renames it when
+complete, so a kill leaves either the whole checkpoint or none. :func:`restore_latest_good`
+resumes from the newest checkpoint whose files and state match their digests; a damaged one is
+reported, moved to ``damaged_checkpoints/``, and the previous one is used.
+
+The layout, the digests and the reader are in ``adamjax.convert._train_workdir``, shared with
+``python -m adamjax.convert to-keras``, which reads a workdir the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from adamjax.convert._train_workdir import (
+  CHECKPOINT_DIR,
+  MANIFEST,
+  checkpoint_steps,
+  file_digests,
+  read_checkpoint,
+  state_digest,
+)
+from train.config import OPTIMIZERS, Config
+from train.files import atomic_write
+
+DAMAGED_DIR = "damaged_checkpoints"
+OUTPUTS = ("metrics.jsonl", "metrics.png", "summary.json")
+
+
+def prepare_workdir(workdir: Path, config: Config) -> None:
+  """Continue an earlier run's checkpoints (resume), delete them (overwrite), or refuse."""
+  if config.overwrite and jax.process_index() == 0:
+    for name in (CHECKPOINT_DIR, DAMAGED_DIR):
+      shutil.rmtree(workdir / name, ignore_errors=True)
+    for name in OUTPUTS:
+      (workdir / name).unlink(missing_ok=True)
+  if not config.resume and checkpoint_steps(workdir):
+    raise FileExistsError(
+      f"{workdir / CHECKPOINT_DIR} holds checkpoints of an earlier run: pass --resume to "
+      "continue it, --overwrite to start over, or another --workdir"
+    )
+  workdir.mkdir(parents=True, exist_ok=True)
+
+
+def checkpoint_manager(workdir: Path, config: Config):
+  """The Orbax manager the run saves through."""
+  import orbax.checkpoint as ocp
+
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max(2, config.keep_checkpoints),
+    create=True,
+    # Synchronous saves: the state is donated to the next step right after a save, and an
+    # async save would still be reading it. A save of this model takes well under 0.1 s.
+    enable_async_checkpointing=False,
+    cleanup_tmp_directories=True,  # Half-written saves left by a kill.
+  )
+  return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
+
+
+def save(manager, state: Any, meta: dict[str, Any]) -> None:
+  """Saves ``state`` and ``meta`` (with the state's digest) at ``meta["step"]``, then the
+  manifest of the files written. Does nothing if that step is saved already."""
+  import orbax.checkpoint as ocp
+
+  step = int(meta["step"])
+  if step in manager.all_steps():
+    return
+  meta = dict(meta, digest=state_digest(state))
+  manager.save(
+    step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+  )
+  if jax.process_index() == 0:
+    step_dir = Path(manager.directory) / str(step)
+    text = json.dumps(file_digests(step_dir), indent=1) + "\n"
+    atomic_write(step_dir / MANIFEST, lambda p: p.write_text(text))
+
+
+def restore_latest_good(workdir: Path, abstract: Any) -> tuple[Any, dict[str, Any]] | None:
+  """The newest checkpoint that restores and matches its digests; damaged ones are moved aside.
+
+  Args:
+    workdir: The run's workdir.
+    abstract: The state's structure, ``jax.ShapeDtypeStruct`` leaves with their shardings.
+
+  Returns:
+    ``(state, meta)``, or None if there is no checkpoint at all.
+
+  Raises:
+    RuntimeError: if there are checkpoints but every one is damaged.
+  """
+  steps = checkpoint_steps(workdir)
+  for step in reversed(steps):
+    try:
+      return read_checkpoint(workdir, step, target=abstract)
+    # Any failure (a missing, truncated or altered file, bad metadata, a digest mismatch)
+    # means this checkpoint is unusable; the previous one may be fine.
+    except Exception as e:  # noqa: BLE001
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      reason = reason if len(reason) < 300 else reason[:300] + "..."
+      step_dir, damaged = workdir / CHECKPOINT_DIR / str(step), workdir / DAMAGED_DIR / str(step)
+      if jax.process_index() == 0:
+        print(
+          f"WARNING: checkpoint {step_dir} is damaged ({reason}); moved to "
+          f"{damaged}; trying the previous one.",
+          file=sys.stderr,
+          flush=True,
+        )
+        damaged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.move(str(step_dir), str(damaged))
+  if steps:
+    raise RuntimeError(
+      f"no usable checkpoint in {workdir / CHECKPOINT_DIR}: all of "
+      f"{steps} are damaged (moved to {workdir / DAMAGED_DIR})"
+    )
+  return None
+
+
+def load_train_state(workdir: str | os.PathLike, step: int | None = None) -> tuple[Any, dict]:
+  """Reads a checkpoint's train state and metadata (the newest checkpoint by default).
+
+  Needs no model or optimizer: the state comes back as nested dicts of numpy arrays (a
+  ``TrainState``'s fields by name). For tests and inspection; training resumes through
+  ``Config.resume``. See ``adamjax.convert._train_workdir.read_checkpoint``.
+  """
+  return read_checkpoint(workdir, step)
+
+
+def init_from_checkpoint(path: str | os.PathLike, config: Config, state: Any) -> tuple[Any, str]:
+  """``state`` with parameters, optimizer state and step taken from a Keras/TF checkpoint.
+
+  Anything ``adamjax.convert.read`` reads works, including a ``to-jax`` output directory. The
+  parameters and Adam slots are mapped onto this model by layer name and checked against it
+  (every missing, unexpected or mis-shaped entry is reported); the checkpoint's optimizer
+  settings must be the ones this run uses, so that training continues exactly.
+
+  Returns:
+    The new state (on the host; the caller places it) and a line describing what was loaded.
+
+  Raises:
+    adamjax.convert.ConversionError: if the checkpoint does not fit this model or run.
+  """
+  from adamjax import convert
+
+  ckpt = convert.read(path)
+  if ckpt.optimizer is None:
+    raise convert.ConversionError(
+      f"{path}: the {ckpt.format} checkpoint holds no optimizer state to continue from"
+    )
+  tx = OPTIMIZERS[config.optimizer](config.learning_rate)
+  params = jax.tree.map(np.asarray, state.params)
+  if config.optimizer == "keras_adam":
+    # The exact continuation: the checkpoint's own Keras settings must be this run's. Both
+    # optimizers' first update of the same gradient must agree bit for bit.
+    keras_tx = convert.keras_optimizer(ckpt)
+    probe = jax.tree.map(lambda p: np.full_like(p, 0.5), params)
+    theirs = keras_tx.update(probe, keras_tx.init(params), params)[0]
+    ours = tx.update(probe, tx.init(params), params)[0]
+    if not all(
+      np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(theirs), jax.tree.leaves(ours), strict=True)
+    ):
+      raise convert.ConversionError(
+        f"{path}: the checkpoint's {ckpt.optimizer.class_name} settings "
+        f"(learning rate {ckpt.optimizer.learning_rate}, {ckpt.optimizer.config}) are not "
+        f"this run's keras_adam({config.learning_rate}); pass the matching --learning-rate"
+      )
+  params = convert.to_flax(ckpt, params)
+  step = np.int32(ckpt.optimizer.iterations)
+  state = state._replace(step=step, params=params, opt_state=convert.adam_state(ckpt, tx, params))
+  return state, f"{ckpt.format} checkpoint {path} at step {int(step)}"
