@@ -17,7 +17,6 @@ The optimizer itself is checked bit for bit: JAX's update of Keras's step-1 grad
 Keras's step-1 parameters within the 2-ulp contract of tests/test_keras_tf_parity.py.
 """
 
-import importlib
 import json
 import os
 import subprocess
@@ -27,12 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `train/` is a folder of scripts beside the package.
-  sys.path.insert(0, str(ROOT))
-parity = importlib.import_module("train.parity")
-mnist = importlib.import_module("train.mnist")
+from train import input_pipeline, parity
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train" / "parity.py"
 STEPS = 50
 FAST_ARGS = ["--data-source", "synthetic", "--limit-train-examples", "1024", "--steps", str(STEPS)]
@@ -186,13 +182,13 @@ def test_dropout_scale_is_tensorflows_and_not_a_division():
 
 
 def test_batches_follow_train_mnist_epoch_order():
-  data = mnist.synthetic_mnist(100, 1, seed=3)
+  data = input_pipeline.synthetic_mnist(100, 1, seed=3)
   config = parity.ParityConfig(steps=5, batch_size=32, seed=4)
   images, labels = parity.make_batches(config, data)
   assert images.shape == (5, 32, 28, 28) and images.dtype == np.uint8
   assert labels.shape == (5, 32) and labels.dtype == np.int32
   # 100 examples: 3 full batches an epoch (the padded 4th is skipped), then the next epoch.
-  rows = [mnist.epoch_batches(100, 32, 4, e)[0] for e in (0, 1)]
+  rows = [input_pipeline.epoch_batches(100, 32, 4, e)[0] for e in (0, 1)]
   expected = np.concatenate([rows[0][:3], rows[1][:2]])
   np.testing.assert_array_equal(images, data.train_images[expected])
   np.testing.assert_array_equal(labels, data.train_labels[expected])
@@ -207,8 +203,16 @@ def test_dropout_masks():
   assert not np.array_equal(masks, parity.make_dropout_masks(parity.ParityConfig(steps=20, seed=6)))
 
 
-def test_bad_configuration_is_refused(tmp_path):
-  with pytest.raises(ValueError, match="unknown optimizer"):
-    parity.run_parity(parity.ParityConfig(optimizer="sgd"), tmp_path)
-  with pytest.raises(ValueError, match="unknown dropout mode"):
-    parity.run_parity(parity.ParityConfig(dropout="random"), tmp_path)
+def test_bad_configuration_is_refused_by_name():
+  with pytest.raises(ValueError, match="^optimizer must be one of .* got 'sgd'"):
+    parity.ParityConfig(optimizer="sgd")
+  with pytest.raises(ValueError, match="^dropout must be one of .* got 'random'"):
+    parity.ParityConfig(dropout="random")
+  with pytest.raises(ValueError, match="at least 1"):
+    parity.ParityConfig(steps=0)
+
+
+def test_every_parity_config_field_is_a_flag():
+  args, config = parity.parse_args(["--steps", "7", "--dropout", "shared-masks", "--no-plot"])
+  assert config == parity.ParityConfig(steps=7, dropout="shared-masks", plot=False)
+  assert parity.parse_args([])[1] == parity.ParityConfig() and args.workdir is None

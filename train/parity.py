@@ -11,25 +11,25 @@ and losses are::
 
 How the two runs are made identical:
 
-- Initial weights: Keras builds the model (glorot-uniform kernels, zero biases, from
-  ``keras.utils.set_random_seed(seed)``) and exports them; the JAX side loads them into
-  ``train/mnist.py``'s ``MLP``, whose layers carry Keras's names (``dense``, ``dense_1``).
-- Batches: ``train/mnist.py``'s ``load_data`` and ``epoch_batches`` (its shuffled order), full
-  batches only. Keras gets ``images / 255.0`` in float64 cast to float32, exactly the tutorial's
-  scaling; JAX uses ``mnist.scale_pixels``, a table of those same float32 values (checked).
+- Initial weights: Keras builds the model (``adamjax.testing.tutorial_mlp``: glorot-uniform
+  kernels, zero biases, from ``keras.utils.set_random_seed(seed)``) and exports them; the JAX side
+  loads them into ``train/models.py``'s ``MLP``, whose layers carry Keras's names.
+- Batches: ``train/input_pipeline.py``'s ``load_data`` and ``epoch_batches`` (the training
+  order), full batches only. Keras gets ``images / 255.0`` in float64 cast to float32, exactly the
+  tutorial's scaling; JAX uses ``scale_pixels``, a table of those same float32 values (checked).
 - Dropout (``--dropout``): ``off`` trains without it (Keras ``training=False``, JAX without a
   dropout key), the exact comparison. ``shared-masks`` draws the keep masks in NumPy and applies
   them in both with TensorFlow's dropout arithmetic, ``where(keep, h * f32(1 / (1 - rate)), 0)``
   (``tf.nn.experimental.stateless_dropout``, which Keras's ``Dropout`` calls on this backend).
 - Keras trains in a subprocess with ``KERAS_BACKEND=tensorflow`` (one process holds one Keras
-  backend, and this process runs JAX): a ``tf.GradientTape`` step and
-  ``optimizer.apply_gradients``, in a ``tf.function`` as ``fit`` runs its step (``--keras-eager``
-  runs it op by op; for this model both give the same bits). Arrays travel as ``.npz`` files
-  read with ``allow_pickle=False``. This same file is the worker
-  (``--keras-worker``, internal); it imports only NumPy, Keras and TensorFlow there.
-- JAX trains with the optimizer ``--optimizer`` names (a key of ``mnist.OPTIMIZERS``): one jitted
-  step (loss, gradients, update), the loss being ``train/mnist.py``'s (optax's softmax
-  cross-entropy, averaged over the batch).
+  backend, and this process runs JAX; ``adamjax.testing.call_in_keras_backend``, arrays as
+  ``.npz`` read without pickles): a ``tf.GradientTape`` step and ``optimizer.apply_gradients``,
+  in a ``tf.function`` as ``fit`` runs its step (``--keras-eager`` runs it op by op; for this
+  model both give the same bits). The worker is ``train/parity_keras.py``.
+- JAX trains with the optimizer ``--optimizer`` names (a key of ``OPTIMIZERS``) through
+  ``train/train.py``'s own ``train_step``, jitted with the state donated: its loss (optax's
+  softmax cross-entropy, the mean over the batch), gradients and update. With shared masks, the
+  model's dropout layer is swapped for one that applies the given mask.
 - TensorFlow runs its ops on ``--threads`` threads (default 1): its CPU matmul kernels may split
   a sum over threads, so the count can change TensorFlow's rounding (XLA's does not).
 
@@ -72,18 +72,22 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # Run as `python train/parity.py`: import train/ as a package from the root.
+  sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import numpy as np
 
-# Only NumPy and the standard library at module level: the Keras worker runs this file too, and
-# must not load JAX; the JAX side must not load TensorFlow. Each side imports its own framework.
+from adamjax.testing import call_in_keras_backend, ulp_distance
+from train import parity_keras
+from train.config import DATA_SOURCES, OPTIMIZERS, Config, add_flags, check_choices, option
+from train.input_pipeline import epoch_batches, load_data, scale_pixels
+from train.parity_keras import PARAM_NAMES, dropout_scale
 
 __all__ = [
   "DROPOUT_MODES",
@@ -101,53 +105,57 @@ __all__ = [
 ]
 
 DROPOUT_MODES = ("off", "shared-masks")
-# The trainable parameters as "<layer>/<variable>", Keras's names, in Keras's trainable order.
-PARAM_NAMES = ("dense/kernel", "dense/bias", "dense_1/kernel", "dense_1/bias")
 REPORT, PLOT = "report.json", "parity.png"
 EXIT_PASSED, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 DEFAULT_RUNS = Path("workdir", "parity")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
 class ParityConfig:
-  """What to compare; the defaults are the Keras tutorial's and the issue's target."""
+  """What to compare; the defaults are the Keras tutorial's. Each field is a flag."""
 
-  steps: int = 1000
-  optimizer: str = "keras_adam"  # The JAX side: a key of train/mnist.py's OPTIMIZERS.
-  dropout: str = "off"  # One of DROPOUT_MODES.
-  dropout_rate: float = 0.2
-  seed: int = 0  # Keras's initial weights, the batch order and the dropout masks.
-  batch_size: int = 32
-  learning_rate: float = 1e-3
-  hidden: int = 128
-  data_source: str = "auto"  # A train/mnist.py data source; "synthetic" for tests.
-  data_dir: str | None = None
-  cache_dir: str | None = None
-  limit_train_examples: int | None = None
-  record_every: int = 1  # Compare parameters every this many steps (and at 1, 10, 100, ...).
-  tolerance: float = 1e-5  # On the largest relative parameter difference over recorded steps.
-  threads: int = 1  # TensorFlow's intra- and inter-op threads.
-  keras_eager: bool = False  # Run the Keras step op by op instead of in a tf.function.
-  plot: bool = True
+  steps: int = option(1000, "training steps")
+  optimizer: str = option(
+    "keras_adam",
+    "the JAX side's optimizer; keras_adam is the Keras-exact one, optax.adam the negative control",
+    choices=tuple(OPTIMIZERS),
+  )
+  dropout: str = option(
+    "off",
+    "off: train without dropout (the exact comparison); shared-masks: the same NumPy-drawn "
+    "masks in both",
+    choices=DROPOUT_MODES,
+  )
+  dropout_rate: float = option(0.2)
+  seed: int = option(0, "Keras's initial weights, the batch order, the dropout masks")
+  batch_size: int = option(32)
+  learning_rate: float = option(1e-3)
+  hidden: int = option(128)
+  data_source: str = option(
+    "auto", "MNIST source as in train/mnist.py; 'synthetic' is for tests", choices=DATA_SOURCES
+  )
+  data_dir: str | None = option(None, "folder with the four MNIST IDX files")
+  cache_dir: str | None = option(None, "MNIST cache (default: ~/.cache/adamjax/mnist)")
+  limit_train_examples: int | None = option(
+    None, "draw batches from the first N training examples only", metavar="N"
+  )
+  record_every: int = option(
+    1, "compare parameters every K steps, and at steps 1, 10, 100, ... and the last", metavar="K"
+  )
+  tolerance: float = option(
+    1e-5,
+    "largest allowed max|Δθ|/max|θ| over the recorded steps (keras_adam measures ~5e-6 after "
+    "1000 MNIST steps, float32's noise floor here: see this file's docstring)",
+  )
+  threads: int = option(1, "TensorFlow's intra- and inter-op threads")
+  keras_eager: bool = option(False, "run the Keras step op by op instead of in a tf.function")
+  plot: bool = option(True, f"write {PLOT}")
 
-
-def _mnist():
-  """train/mnist.py, imported as this file was (package module or script beside it)."""
-  if __package__:
-    from train import mnist
-  else:  # Run as a script: train/ is sys.path[0].
-    import mnist
-  return mnist
-
-
-def dropout_scale(rate: float) -> np.float32:
-  """The float32 factor kept activations are multiplied by, as ``tf.nn`` dropout computes it.
-
-  TensorFlow forms ``1 / (1 - rate)`` in Python floats and converts it to the input's dtype
-  (``nn_ops._dropout``); Flax's and Keras-JAX's dropout divide by ``1 - rate`` instead, which
-  can differ by an ulp. Both sides here multiply by this one value.
-  """
-  return np.float32(1 / (1 - rate))
+  def __post_init__(self):
+    check_choices(self)
+    if self.steps < 1 or self.record_every < 1:
+      raise ValueError("steps and record_every must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,26 +178,25 @@ def record_steps(steps: int, every: int) -> np.ndarray:
 
 
 def make_batches(config: ParityConfig, data: Any) -> tuple[np.ndarray, np.ndarray]:
-  """The first ``config.steps`` training batches, in ``train/mnist.py``'s shuffled order.
+  """The first ``config.steps`` training batches, in the training script's shuffled order.
 
-  Epoch after epoch of ``mnist.epoch_batches(n, batch_size, seed, epoch)``; a final partial
-  batch is skipped, so every step averages over ``batch_size`` examples in both frameworks.
+  Epoch after epoch of ``epoch_batches(n, batch_size, seed, epoch)``; a final partial batch is
+  skipped, so every step averages over ``batch_size`` examples in both frameworks.
 
   Args:
     config: Uses ``steps``, ``batch_size`` and ``seed``.
-    data: ``mnist.Data`` (uint8 images [N, 28, 28], int32 labels [N]).
+    data: ``MnistArrays`` (uint8 images [N, 28, 28], int32 labels [N]).
 
   Returns:
     ``(images, labels)``: uint8 [steps, batch, 28, 28] and int32 [steps, batch].
   """
-  mnist = _mnist()
   n = len(data.train_labels)
   if n < config.batch_size:
     raise ValueError(f"{n} training examples are fewer than one batch of {config.batch_size}")
   rows: list[np.ndarray] = []
   epoch = 0
   while len(rows) < config.steps:
-    index, mask = mnist.epoch_batches(n, config.batch_size, config.seed, epoch)
+    index, mask = epoch_batches(n, config.batch_size, config.seed, epoch)
     rows.extend(index[i] for i in range(len(index)) if mask[i].all())
     epoch += 1
   index = np.stack(rows[: config.steps])
@@ -208,7 +215,7 @@ def make_dropout_masks(config: ParityConfig) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# The Keras side (a subprocess on the TensorFlow backend).
+# The two sides.
 
 
 def run_keras(
@@ -236,137 +243,36 @@ def run_keras(
     "grads_step1": {name: array}, "iterations": int, "versions": {...}, "seconds": float}``,
     names as in ``PARAM_NAMES``.
   """
-  env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-  with tempfile.TemporaryDirectory(prefix="parity_keras_") as tmp:
-    tmp = Path(tmp)
-    spec = {
-      "inputs": str(tmp / "inputs.npz"),
-      "output": str(tmp / "output.npz"),
-      "seed": config.seed,
-      "hidden": config.hidden,
-      "dropout_rate": config.dropout_rate,
-      "learning_rate": config.learning_rate,
-      "threads": config.threads,
-      "eager": config.keras_eager,
-      "recorded": [int(s) for s in recorded],
-    }
-    arrays = {"images": images, "labels": labels}
-    if masks is not None:
-      arrays["masks"] = masks
-    np.savez(spec["inputs"], **arrays)
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    start = time.perf_counter()
-    proc = subprocess.run(
-      [sys.executable, str(Path(__file__).resolve()), "--keras-worker", str(tmp / "spec.json")],
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-      check=False,
-    )
-    if proc.returncode != 0:
-      raise RuntimeError(
-        f"the Keras worker failed (exit code {proc.returncode}):\n{proc.stderr[-4000:]}"
-      )
-    seconds = time.perf_counter() - start
-    with np.load(spec["output"], allow_pickle=False) as out:
-      record = {
-        "init": {n: out[f"init/{n}"] for n in PARAM_NAMES},
-        "params": {n: out[f"params/{n}"] for n in PARAM_NAMES},
-        "grads_step1": {n: out[f"grads_step1/{n}"] for n in PARAM_NAMES},
-        "loss": out["loss"],
-        "iterations": int(out["iterations"]),
-      }
-    record["versions"] = json.loads((tmp / "versions.json").read_text())
-  record["seconds"] = seconds
-  return record
-
-
-def _keras_worker(spec_path: str) -> None:
-  """The subprocess side of :func:`run_keras`: reads the spec, trains, writes the record."""
-  import keras
-  import tensorflow as tf
-
-  if keras.backend.backend() != "tensorflow":
-    sys.exit(
-      f"the Keras worker needs KERAS_BACKEND=tensorflow, Keras is on {keras.backend.backend()!r}"
-    )
-  spec = json.loads(Path(spec_path).read_text())
-  # Before any op runs; TensorFlow fixes its thread pools at the first op.
-  tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
-  tf.config.threading.set_inter_op_parallelism_threads(spec["threads"])
-  with np.load(spec["inputs"], allow_pickle=False) as data:
-    images, labels = data["images"], data["labels"]
-    masks = data["masks"] if "masks" in data.files else None
-
-  keras.utils.set_random_seed(spec["seed"])
-  model = keras.Sequential(
-    [
-      keras.Input((28, 28)),
-      keras.layers.Flatten(name="flatten"),
-      keras.layers.Dense(spec["hidden"], activation="relu", name="dense"),
-      keras.layers.Dropout(spec["dropout_rate"], name="dropout"),
-      keras.layers.Dense(10, name="dense_1"),
-    ]
-  )
-  model.compile(
-    optimizer=keras.optimizers.Adam(learning_rate=spec["learning_rate"]),
-    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-  )
-  named = {f"{layer.name}/{v.name}": v for layer in model.layers for v in layer.weights}
-  if tuple(named) != PARAM_NAMES:
-    sys.exit(f"unexpected Keras variables {list(named)}, expected {list(PARAM_NAMES)}")
-  variables = list(named.values())
-  flatten, dense, dense_1 = (model.get_layer(n) for n in ("flatten", "dense", "dense_1"))
-  scale = tf.constant(dropout_scale(spec["dropout_rate"]))
-
-  def forward(x, keep):
-    if keep is None:
-      return model(x, training=False)  # The Dropout layer is the identity.
-    h = dense(flatten(x))  # Dense applies its relu.
-    # tf.nn dropout's arithmetic with a given mask: scale first, then zero the dropped.
-    h = tf.where(keep, h * scale, tf.zeros_like(h))
-    return dense_1(h)
-
-  def train_step(x, y, keep):
-    with tf.GradientTape() as tape:
-      loss = model.loss(y, forward(x, keep))
-    grads = tape.gradient(loss, variables)
-    model.optimizer.apply_gradients(zip(grads, variables, strict=True))
-    return loss, grads
-
-  if not spec["eager"]:  # As Model.fit runs its train step (no XLA on CPU: jit_compile off).
-    train_step = tf.function(train_step, jit_compile=False)
-
-  out = {f"init/{n}": v.numpy() for n, v in named.items()}
-  recorded = set(spec["recorded"])
-  params: dict[str, list[np.ndarray]] = {n: [] for n in named}
-  losses = []
-  for t in range(len(labels)):
-    # The tutorial's `x / 255.0` (float64 in NumPy), cast to float32 as Keras casts inputs.
-    x = tf.constant((images[t] / 255.0).astype(np.float32))
-    keep = None if masks is None else tf.constant(masks[t])
-    loss, grads = train_step(x, tf.constant(labels[t]), keep)
-    losses.append(np.float32(loss.numpy()))
-    if t == 0:
-      out.update({f"grads_step1/{n}": g.numpy() for n, g in zip(named, grads, strict=True)})
-    if t + 1 in recorded:
-      for n, v in named.items():
-        params[n].append(v.numpy())  # .numpy() copies; the variable updates in place.
-  out.update({f"params/{n}": np.stack(p) for n, p in params.items()})
-  out["loss"] = np.array(losses, np.float32)
-  out["iterations"] = np.int64(model.optimizer.iterations.numpy())
-  np.savez(spec["output"], **out)
-  versions = {
-    "keras": keras.__version__,
-    "tensorflow": tf.__version__,
-    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+  spec = {
+    "seed": config.seed,
+    "hidden": config.hidden,
+    "dropout_rate": config.dropout_rate,
+    "learning_rate": config.learning_rate,
+    "threads": config.threads,
+    "eager": config.keras_eager,
+    "recorded": [int(s) for s in recorded],
   }
-  Path(spec["output"]).with_name("versions.json").write_text(json.dumps(versions))
-
-
-# ---------------------------------------------------------------------------------------------
-# The JAX side.
+  arrays = {"images": images, "labels": labels}
+  if masks is not None:
+    arrays["masks"] = masks
+  start = time.perf_counter()
+  out = call_in_keras_backend(
+    "tensorflow",
+    parity_keras.__file__,
+    "train_keras",
+    arrays,
+    spec,
+    timeout=timeout,
+    pythonpath=[ROOT],
+  )
+  return {
+    **{part: {n: out[f"{part}/{n}"] for n in PARAM_NAMES} for part in ("init", "params")},
+    "grads_step1": {n: out[f"grads_step1/{n}"] for n in PARAM_NAMES},
+    "loss": out["loss"],
+    "iterations": int(out["iterations"]),
+    "versions": json.loads(str(out["versions"])),
+    "seconds": time.perf_counter() - start,
+  }
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -382,10 +288,26 @@ def _flat(tree: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
   """The inverse of :func:`_nest`, as host copies (``np.array`` copies: the device buffers
   may be donated to the next step)."""
   return {
-    f"{layer}/{var}": np.array(value)
-    for layer, vars_ in tree.items()
-    for var, value in vars_.items()
+    f"{layer}/{var}": np.array(v) for layer, vars_ in tree.items() for var, v in vars_.items()
   }
+
+
+def _shared_mask_dropout(rate: float):
+  """A dropout layer for the MLP that applies a given keep mask, in TensorFlow's arithmetic.
+
+  The MLP hands its dropout layer the step's ``dropout_key`` as ``rngs``; here that value is the
+  step's keep mask, applied as the Keras worker applies it (``tf.nn`` dropout with a mask).
+  """
+  import jax.numpy as jnp
+  from flax import nnx
+
+  scale = dropout_scale(rate)
+
+  class SharedMaskDropout(nnx.Module):
+    def __call__(self, x, *, deterministic: bool, rngs):
+      return x if deterministic else jnp.where(rngs, x * scale, jnp.zeros_like(x))
+
+  return SharedMaskDropout()
 
 
 def run_jax(
@@ -397,15 +319,15 @@ def run_jax(
   recorded: np.ndarray,
   keras_grads_step1: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-  """Trains ``train/mnist.py``'s ``MLP`` from ``init`` with ``config.optimizer`` in JAX.
+  """Trains the ``MLP`` from ``init`` with ``config.optimizer``, by the training script's step.
 
-  One jitted step (forward, loss, gradients, optimizer update) per batch, parameters and
-  optimizer state donated, as ``train/mnist.py`` trains.
+  One jitted ``train.train.train_step`` (forward, loss, gradients, optimizer update) per batch,
+  the state donated, as train/mnist.py trains.
 
   Args:
     config: Uses ``optimizer``, ``learning_rate``, ``hidden``, ``dropout_rate``, ``seed``.
     init: Initial parameters by name (``PARAM_NAMES``), from Keras.
-    images: uint8 [steps, batch, 28, 28], scaled on device with ``mnist.scale_pixels``.
+    images: uint8 [steps, batch, 28, 28], scaled with ``scale_pixels``.
     labels: int32 [steps, batch].
     masks: bool [steps, batch, hidden] keep masks, or None (no dropout).
     recorded: The 1-based steps after which to record the parameters.
@@ -421,22 +343,22 @@ def run_jax(
   """
   import jax
   import jax.numpy as jnp
-  import optax
   from flax import nnx
 
-  mnist = _mnist()
+  from train.models import MLP
+  from train.train import TrainState, apply_gradients, train_step
+
   start = time.perf_counter()
   # The tutorial's x / 255.0 in float32, which the Keras worker feeds, must be exactly what
-  # train/mnist.py's pixel table gives; otherwise the runs differ before the first step.
+  # the training script's pixel table gives; otherwise the runs differ before the first step.
   pixels = np.arange(256, dtype=np.uint8)
-  pixels_match = bool(
-    np.array_equal(np.asarray(mnist.scale_pixels(pixels)), (pixels / 255.0).astype(np.float32))
-  )
+  pixels_match = bool(np.array_equal(scale_pixels(pixels), (pixels / 255.0).astype(np.float32)))
 
-  model = mnist.MLP(config.hidden, config.dropout_rate, rngs=nnx.Rngs(params=config.seed))
+  model = MLP(config.hidden, config.dropout_rate, rngs=nnx.Rngs(params=config.seed))
+  if masks is not None:
+    model.dropout = _shared_mask_dropout(config.dropout_rate)
   graphdef, own = nnx.split(model, nnx.Param)
-  own = nnx.to_pure_dict(own)
-  mine = _flat(own)
+  mine = _flat(nnx.to_pure_dict(own))
   if set(mine) != set(PARAM_NAMES):
     raise ValueError(f"MLP parameters {sorted(mine)}, expected {sorted(PARAM_NAMES)}")
   for name in PARAM_NAMES:  # Keras's weights must fit the Flax model exactly.
@@ -446,56 +368,34 @@ def run_jax(
         f"MLP {mine[name].shape} {mine[name].dtype}"
       )
   params = jax.tree.map(jnp.asarray, _nest(init))
-  tx = mnist.OPTIMIZERS[config.optimizer](config.learning_rate)
-  opt_state = tx.init(params)
-  scale = dropout_scale(config.dropout_rate)
-
-  def loss_fn(params, images, labels, keep):
-    model = nnx.merge(graphdef, params)
-    x = mnist.scale_pixels(images)
-    if keep is None:
-      logits = model(x)  # No dropout key: MLP's dropout is the identity.
-    else:
-      h = nnx.relu(model.dense(x.reshape(x.shape[0], -1)))
-      # The same arithmetic as the Keras worker (tf.nn dropout with a given mask).
-      h = jnp.where(keep, h * scale, jnp.zeros_like(h))
-      logits = model.dense_1(h)
-    # train/mnist.py's loss: optax's softmax cross-entropy, the mean over the batch.
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-  def step(params, opt_state, images, labels, keep):
-    loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, keep)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, grads
-
-  def update_only(params, opt_state, grads):
-    updates, _ = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates)
+  tx = OPTIMIZERS[config.optimizer](config.learning_rate)
+  state = TrainState(np.int32(0), params, tx.init(params), np.float32(0), np.int32(0), np.int32(0))
 
   step1_from_keras_grads = None
   if keras_grads_step1 is not None:
     # The state is an argument, not tx.init inside the jit: with the zero moments as
     # compile-time constants, XLA's simplifier folds them and reassociates the constant
     # products (g * 0.1 * alpha -> g * (0.1 * alpha)), which rounds differently.
-    after = jax.jit(update_only)(params, opt_state, _nest(keras_grads_step1))
-    step1_from_keras_grads = _flat(after)
-  step = jax.jit(step, donate_argnums=(0, 1))  # After update_only: params are donated.
-  recorded_set = {int(s) for s in recorded}
+    update = jax.jit(lambda p, s, g: apply_gradients(tx, p, s, g)[0])
+    step1_from_keras_grads = _flat(update(params, state.opt_state, _nest(keras_grads_step1)))
+  step = jax.jit(lambda *args: train_step(graphdef, tx, *args), donate_argnums=0)
+  every_example = np.ones(labels.shape[1], bool)  # Full batches only (make_batches).
+  recorded = {int(s) for s in recorded}
   history: dict[str, list[np.ndarray]] = {n: [] for n in PARAM_NAMES}
   losses = np.zeros(len(labels), np.float32)
   grads_step1: dict[str, np.ndarray] = {}
   for t in range(len(labels)):
     keep = None if masks is None else masks[t]
-    params, opt_state, loss, grads = step(params, opt_state, images[t], labels[t], keep)
-    losses[t] = loss
+    x = scale_pixels(images[t])
+    state, losses[t], grads = step(state, x, labels[t], every_example, keep)
     if t == 0:
       grads_step1 = _flat(grads)
-    if t + 1 in recorded_set:
-      for n, value in _flat(params).items():
+    if t + 1 in recorded:
+      for n, value in _flat(state.params).items():
         history[n].append(value)
   counts = [
     leaf
-    for leaf in jax.tree.leaves(opt_state)
+    for leaf in jax.tree.leaves(state.opt_state)
     if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.integer) and leaf.ndim == 0
   ]
   return {
@@ -511,16 +411,6 @@ def run_jax(
 
 # ---------------------------------------------------------------------------------------------
 # Comparison and report.
-
-
-def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """float32 distance in units in the last place (consecutive floats are 1 apart, +0 = -0)."""
-
-  def ordered(x):
-    bits = np.ascontiguousarray(x, np.float32).view(np.int32).astype(np.int64)
-    return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
-
-  return np.abs(ordered(a) - ordered(b))
 
 
 def compare_params(
@@ -552,7 +442,7 @@ def compare_params(
       "abs": float(diff[n][-1]),
       "rel_to_own_max": float(diff[n][-1] / scale[n][-1]),
       "max_abs_param": float(scale[n][-1]),
-      "max_ulps": int(_ulps(jax_params[n][-1], keras_params[n][-1]).max()),
+      "max_ulps": int(ulp_distance(jax_params[n][-1], keras_params[n][-1]).max()),
     }
     for n in PARAM_NAMES
   }
@@ -575,7 +465,7 @@ def _gradient_diffs(
     out[n] = {
       "abs": float(d.max()),
       "rel": float(d.max() / max(np.abs(k).max(), 1e-30)),
-      "max_ulps": int(_ulps(j, k).max()),
+      "max_ulps": int(ulp_distance(j, k).max()),
       "identical_fraction": float(np.mean(j == k)),
     }
   return out
@@ -629,18 +519,10 @@ def run_parity(config: ParityConfig, workdir: str | os.PathLike) -> dict[str, An
     ``checks`` (pixel scaling, no TensorFlow in this process, step counters), ``criterion``,
     ``tolerance``, ``max_param_rel``, ``passed`` and ``seconds``.
   """
-  mnist = _mnist()
-  if config.optimizer not in mnist.OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; one of {sorted(mnist.OPTIMIZERS)}")
-  if config.dropout not in DROPOUT_MODES:
-    raise ValueError(f"unknown dropout mode {config.dropout!r}; one of {DROPOUT_MODES}")
-  if config.steps < 1 or config.record_every < 1:
-    raise ValueError("steps and record_every must be at least 1")
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-
-  data = mnist.load_data(
-    mnist.Config(
+  data = load_data(
+    Config(
       data_source=config.data_source,
       data_dir=config.data_dir,
       cache_dir=config.cache_dir,
@@ -668,7 +550,7 @@ def run_parity(config: ParityConfig, workdir: str | os.PathLike) -> dict[str, An
     ours, theirs = jax_run["step1_from_keras_grads"][n], keras_run["params"][n][0]
     optimizer_only[n] = {
       "abs": float(np.max(np.abs(ours.astype(np.float64) - theirs))),
-      "max_ulps": int(_ulps(ours, theirs).max()),
+      "max_ulps": int(ulp_distance(ours, theirs).max()),
     }
 
   cmp = compare_params(jax_run["params"], keras_run["params"])
@@ -778,85 +660,16 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, ParityConfig]:
   """Parses the command line into the namespace and a :class:`ParityConfig`."""
-  d = ParityConfig()
-  mnist = _mnist()
-  p = argparse.ArgumentParser(
+  parser = argparse.ArgumentParser(
     description="Train the Keras tutorial MLP in Keras (TensorFlow backend) and in JAX from "
     "the same weights on the same batches, and report how far they drift apart. "
     "Exit code 0: within --tolerance; 1: not; 2: error."
   )
-  p.add_argument(
+  parser.add_argument(
     "--workdir", help=f"report.json and parity.png (default: a new {DEFAULT_RUNS}/<date-time>)"
   )
-  p.add_argument("--steps", type=int, default=d.steps, help="training steps (default: %(default)s)")
-  p.add_argument(
-    "--optimizer",
-    choices=sorted(mnist.OPTIMIZERS),
-    default=d.optimizer,
-    help="the JAX side's optimizer, a train/mnist.py preset; keras_adam is the "
-    "Keras-exact one, optax.adam the negative control (default: %(default)s)",
-  )
-  p.add_argument(
-    "--dropout",
-    choices=DROPOUT_MODES,
-    default=d.dropout,
-    help="off: train without dropout (the exact comparison); shared-masks: the "
-    "same NumPy-drawn masks in both (default: %(default)s)",
-  )
-  p.add_argument("--dropout-rate", type=float, default=d.dropout_rate)
-  p.add_argument(
-    "--tolerance",
-    type=float,
-    default=d.tolerance,
-    help="largest allowed max|Δθ|/max|θ| over the recorded steps (default: "
-    "%(default)s, the issue's target; keras_adam measures ~5e-6 after 1000 "
-    "MNIST steps, float32's noise floor here: see this file's docstring)",
-  )
-  p.add_argument(
-    "--record-every",
-    type=int,
-    default=d.record_every,
-    metavar="K",
-    help="compare parameters every K steps, and at steps 1, 10, 100, ... and the "
-    "last (default: %(default)s)",
-  )
-  p.add_argument(
-    "--seed",
-    type=int,
-    default=d.seed,
-    help="Keras's initial weights, the batch order, the dropout masks",
-  )
-  p.add_argument("--batch-size", type=int, default=d.batch_size)
-  p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-  p.add_argument("--hidden", type=int, default=d.hidden)
-  p.add_argument(
-    "--data-source",
-    choices=mnist.DATA_SOURCES,
-    default=d.data_source,
-    help="MNIST source as in train/mnist.py; 'synthetic' is random data for tests "
-    "(default: %(default)s)",
-  )
-  p.add_argument("--data-dir", help="folder with the four MNIST IDX files")
-  p.add_argument("--cache-dir", help="MNIST cache (default: ~/.cache/adamjax/mnist)")
-  p.add_argument(
-    "--limit-train-examples",
-    type=int,
-    metavar="N",
-    help="draw batches from the first N training examples only",
-  )
-  p.add_argument(
-    "--threads",
-    type=int,
-    default=d.threads,
-    help="TensorFlow's intra/inter-op threads (default: %(default)s)",
-  )
-  p.add_argument(
-    "--keras-eager",
-    action="store_true",
-    help="run the Keras step op by op instead of in a tf.function (as fit does)",
-  )
-  p.add_argument("--no-plot", dest="plot", action="store_false")
-  args = p.parse_args(argv)
+  add_flags(parser, ParityConfig)
+  args = parser.parse_args(argv)
   fields = {f.name for f in dataclasses.fields(ParityConfig)}
   return args, ParityConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
@@ -878,14 +691,12 @@ def _summary(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the comparison from the command line; returns the exit code."""
-  argv = sys.argv[1:] if argv is None else list(argv)
-  if argv[:1] == ["--keras-worker"] and len(argv) == 2:
-    _keras_worker(argv[1])  # Parsed by hand: the worker must not import JAX (parse_args does).
-    return EXIT_PASSED
+  from train.runtime import start_jax
+
   args, config = parse_args(argv)
   # One XLA:CPU thread: this model's ops are tiny, and the machine may be shared. The thread
-  # count does not change XLA's results (see mnist.start_jax).
-  _mnist().start_jax(cpu_threads="1")
+  # count does not change XLA's results (see train/runtime.py).
+  start_jax(cpu_threads="1")
   workdir = Path(args.workdir) if args.workdir else DEFAULT_RUNS / time.strftime("%Y%m%d-%H%M%S")
   try:
     report = run_parity(config, workdir)

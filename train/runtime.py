@@ -108,6 +108,16 @@ def start_jax(
   return threads
 
 
+def describe_devices() -> str:
+  """One line: JAX's version, its devices, backend and processes."""
+  devices = jax.devices()
+  return (
+    f"JAX {jax.__version__}: {len(devices)} device(s) {[str(d) for d in devices]} "
+    f"on {jax.default_backend()}, {jax.process_count()} process(es)"
+    + (f"; data-parallel over {len(devices)} devices" if len(devices) > 1 else "")
+  )
+
+
 def make_mesh(batch_size: int) -> Mesh:
   """One ``data`` axis over every device; the batch must split evenly over them."""
   devices = jax.devices()

@@ -38,7 +38,7 @@ from train import checkpointing, input_pipeline, reporting
 from train.config import OPTIMIZERS, Config
 from train.input_pipeline import epoch_batches
 from train.models import MLP
-from train.runtime import host, make_mesh, put
+from train.runtime import describe_devices, host, make_mesh, put
 
 
 class TrainState(NamedTuple):
@@ -173,12 +173,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
   workdir, lead = Path(workdir), jax.process_index() == 0
   log = reporting.console(lead and config.progress != "none")
   writer = reporting.WorkdirWriter(workdir, plot=config.plot, enabled=lead)
-  devices = jax.devices()
-  log(
-    f"JAX {jax.__version__}: {len(devices)} device(s) {[str(d) for d in devices]} "
-    f"on {jax.default_backend()}, {jax.process_count()} process(es)"
-    + (f"; data-parallel over {len(devices)} devices" if len(devices) > 1 else "")
-  )
+  log(describe_devices())
   mesh = make_mesh(config.batch_size)
   checkpointing.prepare_workdir(workdir, config)
 
@@ -194,10 +189,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
 
   run_meta = _run_meta(config, steps_per_epoch, data.source)
   graphdef, tx, state, resumed = _initial_state(config, workdir, mesh, run_meta, log)
-  epoch_elapsed = 0.0  # Seconds already spent on the current epoch before a resume.
-  if resumed:
-    writer.resume(resumed["history"])
-    epoch_elapsed = resumed["epoch_elapsed"]
+  writer.resume(resumed["history"] if resumed else [])
+  epoch_elapsed = resumed["epoch_elapsed"] if resumed else 0.0  # This epoch's, before a resume.
   progress = reporting.KerasProgress(config.progress, config.epochs, steps_per_epoch, enabled=lead)
   manager = checkpointing.checkpoint_manager(workdir, config)
   save = functools.partial(_save, manager, run_meta, writer.history, steps_per_epoch)
@@ -213,9 +206,8 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
   jax.block_until_ready(evaluate(state.params, *test_set))
   compile_seconds = time.perf_counter() - start
   log(
-    f"Compiled the training loop and evaluation in {compile_seconds:.2f}s; "
-    f"{steps_per_epoch} steps per epoch of batch {config.batch_size}, "
-    f"optimizer {config.optimizer}"
+    f"Compiled the training loop and evaluation in {compile_seconds:.2f}s; {steps_per_epoch} "
+    f"steps per epoch of batch {config.batch_size}, optimizer {config.optimizer}"
   )
 
   while step < total_steps:  # One epoch (or what is left of it) per iteration.
@@ -248,7 +240,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
     "test_accuracy": int(test_correct) / n_test,
     "step": int(host(state.step)),
     "compile_seconds": compile_seconds,
-    "devices": [str(d) for d in devices],
+    "devices": [str(d) for d in jax.devices()],
     "data_source": data.source,
     "config": dataclasses.asdict(config),
   }
