@@ -13,6 +13,7 @@ MODULES = [
   "adamjax._keras_weight_decay",
   "adamjax._loss_scale",
   "adamjax._torch_adam",
+  "adamjax.testing._ulp",
 ]
 
 

@@ -8,6 +8,8 @@ backend, and the tutorial model.
 """
 
 import os
+import subprocess
+import sys
 
 os.environ["KERAS_BACKEND"] = "jax"  # Before Keras is first imported (conftest sets it too).
 
@@ -94,6 +96,8 @@ def test_ulp_distance_basic_properties():
   y = rng.permutation(x)
   np.testing.assert_array_equal(ulp_distance(x, y), ulp_distance(y, x))
   assert ulp_distance(np.float32(1.0), np.float32(2.0)) == 2**23
+  assert ulp_distance(np.float32(1.0), np.float32(2.0)).shape == ()
+  assert ulp_distance(x[:, None], x[None, :3]).shape == (1000, 3)
 
 
 def test_ulp_distance_across_zero_and_specials():
@@ -117,6 +121,20 @@ def test_ulp_distance_across_zero_and_specials():
     )
     == 1
   )
+
+
+def test_import_adamjax_leaves_the_testing_package_and_keras_unloaded():
+  code = (
+    "import sys, adamjax\n"
+    "loaded = [m for m in sys.modules if m == 'adamjax.testing' or m.split('.')[0] in "
+    "('keras', 'tensorflow', 'torch')]\n"
+    "assert not loaded, loaded\n"
+    "import adamjax.testing\n"
+    "loaded = [m for m in sys.modules if m.split('.')[0] in ('keras', 'tensorflow', 'torch')]\n"
+    "assert not loaded, loaded\n"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_max_ulps_and_max_abs_diff_over_trees():

@@ -13,7 +13,8 @@ _INT_FOR_FLOAT = {"float16": np.int16, "bfloat16": np.int16, "float32": np.int32
 def _ordered_bits(x: np.ndarray) -> np.ndarray:
   """Map floats to int64 so that consecutive floats are consecutive integers (+0 = -0 = 0)."""
   itype = _INT_FOR_FLOAT[x.dtype.name]
-  bits = np.ascontiguousarray(x).view(itype).astype(np.int64)
+  # ascontiguousarray makes a 0-d array 1-d: reshape back.
+  bits = np.ascontiguousarray(x).view(itype).reshape(x.shape).astype(np.int64)
   magnitude = bits & (2 ** (8 * x.dtype.itemsize - 1) - 1)
   return np.where(bits < 0, -magnitude, magnitude)
 
