@@ -71,7 +71,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -83,11 +82,13 @@ if not __package__:  # Run as `python train/parity.py`: import train/ as a packa
 
 import numpy as np
 
-from adamjax.testing import call_in_keras_backend, ulp_distance
+from adamjax.testing import call_in_keras_backend
 from train import parity_keras
 from train.config import DATA_SOURCES, OPTIMIZERS, Config, add_flags, check_choices, option
+from train.files import atomic_write
 from train.input_pipeline import epoch_batches, load_data, scale_pixels
 from train.parity_keras import PARAM_NAMES, dropout_scale
+from train.parity_report import compare_params, make_report, plot_report, summary
 
 __all__ = [
   "DROPOUT_MODES",
@@ -409,98 +410,6 @@ def run_jax(
   }
 
 
-# ---------------------------------------------------------------------------------------------
-# Comparison and report.
-
-
-def compare_params(
-  jax_params: dict[str, np.ndarray], keras_params: dict[str, np.ndarray]
-) -> dict[str, Any]:
-  """Parameter differences per recorded step, and per parameter at the last one.
-
-  Args:
-    jax_params: Name -> ``[recorded, *shape]`` stack from the JAX run.
-    keras_params: The same from the Keras run, the reference.
-
-  Returns:
-    ``param_abs``, ``param_rel`` and ``identical_fraction`` (bitwise-equal entries), lists over
-    the recorded steps; ``per_param_final``: per parameter at the last recorded step, its max
-    abs difference, that relative to its own max|θ|, its max|θ| and the max ulp distance.
-  """
-  axes = {n: tuple(range(1, keras_params[n].ndim)) for n in PARAM_NAMES}
-  diff = {
-    n: np.abs(jax_params[n].astype(np.float64) - keras_params[n]).max(axis=axes[n])
-    for n in PARAM_NAMES
-  }
-  scale = {n: np.abs(keras_params[n]).max(axis=axes[n]).astype(np.float64) for n in PARAM_NAMES}
-  same = sum(np.sum(jax_params[n] == keras_params[n], axis=axes[n]) for n in PARAM_NAMES)
-  total = sum(keras_params[n][0].size for n in PARAM_NAMES)
-  abs_ = np.max([diff[n] for n in PARAM_NAMES], axis=0)  # np.max keeps NaNs: they must fail.
-  rel = abs_ / np.max([scale[n] for n in PARAM_NAMES], axis=0)
-  per_param = {
-    n: {
-      "abs": float(diff[n][-1]),
-      "rel_to_own_max": float(diff[n][-1] / scale[n][-1]),
-      "max_abs_param": float(scale[n][-1]),
-      "max_ulps": int(ulp_distance(jax_params[n][-1], keras_params[n][-1]).max()),
-    }
-    for n in PARAM_NAMES
-  }
-  return {
-    "param_abs": abs_.tolist(),
-    "param_rel": rel.tolist(),
-    "identical_fraction": (same / total).tolist(),
-    "per_param_final": per_param,
-  }
-
-
-def _gradient_diffs(
-  jax_grads: dict[str, np.ndarray], keras_grads: dict[str, np.ndarray]
-) -> dict[str, Any]:
-  """Step-1 gradients (same weights, same batch): how far apart the two frameworks' ops are."""
-  out = {}
-  for n in PARAM_NAMES:
-    j, k = jax_grads[n], keras_grads[n]
-    d = np.abs(j.astype(np.float64) - k)
-    out[n] = {
-      "abs": float(d.max()),
-      "rel": float(d.max() / max(np.abs(k).max(), 1e-30)),
-      "max_ulps": int(ulp_distance(j, k).max()),
-      "identical_fraction": float(np.mean(j == k)),
-    }
-  return out
-
-
-def _milestones(steps: np.ndarray, values: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-  """The differences at steps 1, 10, 100, ... and the last step, keyed by step."""
-  keep = {s for s in (10**k for k in range(len(str(int(steps[-1]))))) if s in set(steps)}
-  keep.add(int(steps[-1]))
-  index = {int(s): i for i, s in enumerate(steps)}
-  return {str(s): {k: v[index[s]] for k, v in values.items()} for s in sorted(keep)}
-
-
-def _versions() -> dict[str, str]:
-  import flax
-  import jax
-  import jaxlib
-  import optax
-
-  import adamjax
-
-  return {
-    "python": platform.python_version(),
-    "numpy": np.__version__,
-    "jax": jax.__version__,
-    "jaxlib": jaxlib.__version__,
-    "flax": flax.__version__,
-    "optax": optax.__version__,
-    "adamjax": adamjax.__version__,
-    "jax_backend": jax.default_backend(),
-    "machine": platform.machine(),
-    "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
-  }
-
-
 def run_parity(config: ParityConfig, workdir: str | os.PathLike) -> dict[str, Any]:
   """Trains in Keras (TensorFlow) and in JAX from the same start; writes and returns the report.
 
@@ -544,114 +453,12 @@ def run_parity(config: ParityConfig, workdir: str | os.PathLike) -> dict[str, An
     recorded,
     keras_grads_step1=keras_run["grads_step1"],
   )
-  # The optimizer on its own: JAX's update applied to Keras's own step-1 gradients.
-  optimizer_only = {}
-  for n in PARAM_NAMES:
-    ours, theirs = jax_run["step1_from_keras_grads"][n], keras_run["params"][n][0]
-    optimizer_only[n] = {
-      "abs": float(np.max(np.abs(ours.astype(np.float64) - theirs))),
-      "max_ulps": int(ulp_distance(ours, theirs).max()),
-    }
-
-  cmp = compare_params(jax_run["params"], keras_run["params"])
-  loss_abs = np.abs(jax_run["loss"].astype(np.float64) - keras_run["loss"])
-  rel = np.asarray(cmp["param_rel"])
-  worst = int(np.argmax(np.where(np.isnan(rel), np.inf, rel)))  # A NaN is the worst step.
-  max_rel = float(rel[worst])
-  passed = bool(np.isfinite(max_rel) and max_rel <= config.tolerance)
-  per_step = {
-    "param_abs": cmp["param_abs"],
-    "param_rel": cmp["param_rel"],
-    "loss_abs": loss_abs[recorded - 1].tolist(),
-  }
-  report = {
-    "config": dataclasses.asdict(config),
-    "versions": {**_versions(), **keras_run["versions"]},
-    "data_source": data.source,
-    "steps": recorded.tolist(),
-    "param_abs": cmp["param_abs"],
-    "param_rel": cmp["param_rel"],
-    "identical_fraction": cmp["identical_fraction"],
-    "loss_keras": keras_run["loss"].tolist(),
-    "loss_jax": jax_run["loss"].tolist(),
-    "loss_abs": loss_abs.tolist(),
-    "worst": {
-      "step": int(recorded[worst]),
-      "param_abs": cmp["param_abs"][worst],
-      "param_rel": max_rel,
-    },
-    "final": {
-      "step": config.steps,
-      "param_abs": cmp["param_abs"][-1],
-      "param_rel": cmp["param_rel"][-1],
-      "loss_abs": float(loss_abs[-1]),
-    },
-    "milestones": _milestones(recorded, per_step),
-    "max_loss_abs": float(loss_abs.max()),
-    "per_param_final": cmp["per_param_final"],
-    "grads_step1": _gradient_diffs(jax_run["grads_step1"], keras_run["grads_step1"]),
-    "step1_optimizer_only": optimizer_only,
-    "checks": {
-      "pixels_match_keras": jax_run["pixels_match_keras"],
-      # This process must never have loaded TensorFlow (only the worker does).
-      "tensorflow_in_jax_process": "tensorflow" in sys.modules,
-      "keras_iterations": keras_run["iterations"],
-      "jax_count": jax_run["count"],
-    },
-    "criterion": "max over recorded steps of max|theta_jax - theta_keras| / max|theta_keras|",
-    "tolerance": config.tolerance,
-    "max_param_rel": max_rel,
-    "passed": passed,
-    "seconds": {"keras": keras_run["seconds"], "jax": jax_run["seconds"]},
-  }
-  (workdir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+  report = make_report(config, data.source, recorded, keras_run, jax_run)
+  text = json.dumps(report, indent=1) + "\n"
+  atomic_write(workdir / REPORT, lambda p: p.write_text(text))
   if config.plot:
-    _plot(report, workdir / PLOT)
+    plot_report(report, workdir / PLOT)
   return report
-
-
-def _plot(report: dict[str, Any], path: Path) -> None:
-  """Per-step differences on a log scale: parameters (abs and rel) above, loss below."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  def positive(values):  # Exact zeros cannot sit on a log axis; they are left out.
-    v = np.asarray(values, np.float64)
-    return np.where(v > 0, v, np.nan)
-
-  cfg = report["config"]
-  steps = np.asarray(report["steps"])
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, constrained_layout=True)
-  top.plot(steps, positive(report["param_abs"]), label="max |Δθ|")
-  top.plot(steps, positive(report["param_rel"]), label="max |Δθ| / max |θ|")
-  top.axhline(
-    report["tolerance"],
-    color="red",
-    ls="--",
-    lw=1,
-    label=f"tolerance {report['tolerance']:g} (relative)",
-  )
-  top.set_yscale("log")
-  top.set_ylabel("parameter difference")
-  top.set_title(
-    f"Keras (TensorFlow) vs JAX {cfg['optimizer']}, dropout {cfg['dropout']}, "
-    f"{report['data_source']} data: {'PASS' if report['passed'] else 'FAIL'}"
-  )
-  top.legend()
-  top.grid(alpha=0.3, which="both")
-  all_steps = np.arange(1, len(report["loss_abs"]) + 1)
-  bottom.plot(
-    all_steps, positive(report["loss_abs"]), lw=0.8, label="|Δloss| (exact zeros not drawn)"
-  )
-  bottom.set_yscale("log")
-  bottom.set_xlabel("step")
-  bottom.set_ylabel("training loss difference")
-  bottom.legend()
-  bottom.grid(alpha=0.3, which="both")
-  fig.savefig(path, format="png", dpi=100)
-  plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,21 +481,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, P
   return args, ParityConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def _summary(report: dict[str, Any]) -> str:
-  lines = [f"{'step':>6} {'max|Δθ|':>10} {'rel':>10} {'|Δloss|':>10}"]
-  for step, row in report["milestones"].items():
-    lines.append(
-      f"{step:>6} {row['param_abs']:10.3e} {row['param_rel']:10.3e} {row['loss_abs']:10.3e}"
-    )
-  w = report["worst"]
-  verdict = "PASS" if report["passed"] else "FAIL"
-  lines.append(
-    f"worst: step {w['step']}, rel {w['param_rel']:.3e}; tolerance "
-    f"{report['tolerance']:g}: {verdict}"
-  )
-  return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the comparison from the command line; returns the exit code."""
   from train.runtime import start_jax
@@ -707,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"Keras (TensorFlow) vs JAX {config.optimizer}, dropout {config.dropout}, "
     f"{config.steps} steps on {report['data_source']} data"
   )
-  print(_summary(report))
+  print(summary(report))
   print(f"report: {workdir / REPORT}")
   return EXIT_PASSED if report["passed"] else EXIT_FAILED
 
