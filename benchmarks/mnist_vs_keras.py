@@ -92,7 +92,8 @@ def run_variant(name: str, epochs: int, seed: int, data_source: str) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     cmd = [
       sys.executable,
-      str(ROOT / "train" / "mnist.py"),
+      "-m",
+      "train.mnist",
       "--workdir",
       workdir,
       "--epochs",
@@ -107,7 +108,7 @@ def run_variant(name: str, epochs: int, seed: int, data_source: str) -> dict:
     ]
     if name in CPU_THREADS:
       cmd += ["--cpu-threads", CPU_THREADS[name]]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True)
     summary = json.loads(Path(workdir, "summary.json").read_text())
   return {
     "backend": "jax",
