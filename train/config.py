@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import optax
@@ -117,10 +117,3 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 def from_args(cls: type, args: argparse.Namespace) -> Any:
   """The dataclass ``cls`` built from the parsed flags that :func:`add_flags` made."""
   return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
-def parse(cls: type, argv: Sequence[str] | None, **parser_args: Any) -> Any:
-  """``cls`` from a command line holding only its flags (for a script with no others)."""
-  parser = argparse.ArgumentParser(**parser_args)
-  add_flags(parser, cls)
-  return from_args(cls, parser.parse_args(argv))

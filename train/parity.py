@@ -84,7 +84,15 @@ import numpy as np
 
 from adamjax.testing import call_in_keras_backend
 from train import parity_keras
-from train.config import DATA_SOURCES, OPTIMIZERS, Config, add_flags, check_choices, option
+from train.config import (
+  DATA_SOURCES,
+  OPTIMIZERS,
+  Config,
+  add_flags,
+  check_choices,
+  from_args,
+  option,
+)
 from train.files import atomic_write
 from train.input_pipeline import epoch_batches, load_data, scale_pixels
 from train.parity_keras import PARAM_NAMES, dropout_scale
@@ -477,8 +485,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, P
   )
   add_flags(parser, ParityConfig)
   args = parser.parse_args(argv)
-  fields = {f.name for f in dataclasses.fields(ParityConfig)}
-  return args, ParityConfig(**{k: v for k, v in vars(args).items() if k in fields})
+  return args, from_args(ParityConfig, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
