@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from adamjax.convert._train_workdir import (
 )
 from train.config import OPTIMIZERS, Config
 from train.files import atomic_write
+from train.runtime import put
 
 DAMAGED_DIR = "damaged_checkpoints"
 OUTPUTS = ("metrics.jsonl", "metrics.png", "summary.json")
@@ -84,6 +86,16 @@ def save(manager, state: Any, meta: dict[str, Any]) -> None:
     step_dir = Path(manager.directory) / str(step)
     text = json.dumps(file_digests(step_dir), indent=1) + "\n"
     atomic_write(step_dir / MANIFEST, lambda p: p.write_text(text))
+
+
+def save_step(manager, run_meta, history, state, step: int, epoch_seconds: float) -> None:
+  """A checkpoint at ``step`` with the run's settings, its position and the metrics so far.
+
+  ``epoch_seconds`` is the training time spent on its epoch so far (a resumed epoch adds to it).
+  """
+  epoch, pos = divmod(step, run_meta["steps_per_epoch"])
+  meta = dict(run_meta, step=step, epoch=epoch, step_in_epoch=pos, history=history)
+  save(manager, state, dict(meta, epoch_elapsed=epoch_seconds))
 
 
 def restore_latest_good(workdir: Path, abstract: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -180,3 +192,62 @@ def init_from_checkpoint(path: str | os.PathLike, config: Config, state: Any) ->
   step = np.int32(ckpt.optimizer.iterations)
   state = state._replace(step=step, params=params, opt_state=convert.adam_state(ckpt, tx, params))
   return state, f"{ckpt.format} checkpoint {path} at step {int(step)}"
+
+
+def run_meta(config: Config, steps_per_epoch: int, data_source: str) -> dict[str, Any]:
+  """Saved with every checkpoint; a resumed run must agree on all of these."""
+  return {
+    "seed": config.seed,
+    "batch_size": config.batch_size,
+    "optimizer": config.optimizer,
+    "learning_rate": config.learning_rate,
+    "dropout_rate": config.dropout_rate,
+    "hidden": config.hidden,
+    "steps_per_epoch": steps_per_epoch,
+    "data_source": data_source,
+    "data_order": "numpy.random.default_rng([seed, epoch]).permutation",
+    "dropout_key": "jax.random.fold_in(jax.random.key(seed), step)",
+  }
+
+
+def initial_state(
+  config: Config, workdir: Path, state: Any, run_meta: dict[str, Any], log: Callable[[str], None]
+) -> tuple[Any, dict[str, Any] | None]:
+  """The new ``state`` as is, or taken from ``config.init_from``, or (resume) from the workdir's
+  newest good checkpoint, which must have been made with this ``run_meta``.
+
+  Returns the state (placed as ``state`` is) and, when resumed, the checkpoint's meta.
+  """
+  if config.init_from and config.resume:
+    raise ValueError(
+      "pass either --init-from (a new run from a converted checkpoint) or "
+      "--resume (this workdir's own checkpoints), not both"
+    )
+  if config.init_from:
+    host_state, what = init_from_checkpoint(config.init_from, config, state)
+    replicated = jax.tree.leaves(state)[0].sharding  # As the new state is placed.
+    state = jax.tree.map(lambda x: put(x, replicated), host_state)
+    run_meta["init_from"] = str(config.init_from)
+    log(f"Initialised from the {what}")
+  if not config.resume:
+    return state, None
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  restored = restore_latest_good(workdir, abstract)
+  if restored is None:
+    log(f"--resume: no checkpoint in {workdir / CHECKPOINT_DIR}, starting from scratch")
+    return state, None
+  state, meta = restored
+  for key, value in run_meta.items():
+    if meta.get(key) != value:
+      raise ValueError(
+        f"cannot resume: the checkpoint was made with {key}={meta.get(key)!r}, "
+        f"this run has {key}={value!r}"
+      )
+  log(
+    f"Resumed from {workdir / CHECKPOINT_DIR / str(meta['step'])}: step "
+    f"{meta['step']} (epoch {meta['epoch'] + 1}, step {meta['step_in_epoch']} of "
+    f"{meta['steps_per_epoch']})"
+  )
+  return state, meta

@@ -103,6 +103,7 @@ class KerasProgress:
       mode = "bar" if sys.stdout.isatty() else "epoch"
     self.mode, self.epochs, self.steps = mode, epochs, steps
     self.enabled = mode != "none" and enabled
+    self._line_open = False  # A bar drawn without its newline.
 
   def _bar(self, done: int, seconds: float, metrics: str) -> str:
     filled = self.BAR * done // self.steps
@@ -123,8 +124,16 @@ class KerasProgress:
       n = max(int(host(state.count)), 1)
       text = f"accuracy: {int(host(state.correct)) / n:.4f} - loss: {float(host(state.loss_sum)) / n:.4f}"
       print("\r" + self._bar(done, seconds, text), end="", flush=True)
+      self._line_open = True
+
+  def stopped(self, message: str) -> None:
+    """A run that ends mid-epoch: ``message`` on a line of its own."""
+    if self.enabled:
+      print(("\n" if self._line_open else "") + message, flush=True)
+      self._line_open = False
 
   def end(self, done: int, row: Mapping[str, Any]) -> None:
+    self._line_open = False
     if self.enabled:
       keys = ("accuracy", "loss", "val_accuracy", "val_loss")
       text = " - ".join(f"{k}: {row[k]:.4f}" for k in keys)

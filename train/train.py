@@ -187,13 +187,14 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
   if config.max_steps is not None:
     total_steps = min(total_steps, config.max_steps)
 
-  run_meta = _run_meta(config, steps_per_epoch, data.source)
-  graphdef, tx, state, resumed = _initial_state(config, workdir, mesh, run_meta, log)
+  run_meta = checkpointing.run_meta(config, steps_per_epoch, data.source)
+  graphdef, tx, state = create_train_state(config, mesh)
+  state, resumed = checkpointing.initial_state(config, workdir, state, run_meta, log)
   writer.resume(resumed["history"] if resumed else [])
   epoch_elapsed = resumed["epoch_elapsed"] if resumed else 0.0  # This epoch's, before a resume.
   progress = reporting.KerasProgress(config.progress, config.epochs, steps_per_epoch, enabled=lead)
   manager = checkpointing.checkpoint_manager(workdir, config)
-  save = functools.partial(_save, manager, run_meta, writer.history, steps_per_epoch)
+  save = functools.partial(checkpointing.save_step, manager, run_meta, writer.history)
 
   # Compile before the first epoch, so that its time is the training time: a zero-step call
   # (start == stop) compiles the loop and returns the state unchanged.
@@ -224,8 +225,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
     step = epoch * steps_per_epoch + pos
     if pos < steps_per_epoch:  # Stopped mid-epoch by max_steps.
       save(state, step, train_seconds)
-      bar = progress.mode == "bar" and config.progress_chunks
-      log(("\n" if bar else "") + f"Stopped at step {step} (max_steps), in epoch {epoch + 1}")
+      progress.stopped(f"Stopped at step {step} (max_steps), in epoch {epoch + 1}")
       break
     row = _epoch_metrics(state, evaluate, test_set, epoch, step, train_seconds)
     writer.write_scalars(step, row)
@@ -250,66 +250,6 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
   )
   writer.write_summary(metrics)
   return dict(metrics, state=state)
-
-
-def _run_meta(config: Config, steps_per_epoch: int, data_source: str) -> dict[str, Any]:
-  """Saved with every checkpoint; a resumed run must agree on all of these."""
-  return {
-    "seed": config.seed,
-    "batch_size": config.batch_size,
-    "optimizer": config.optimizer,
-    "learning_rate": config.learning_rate,
-    "dropout_rate": config.dropout_rate,
-    "hidden": config.hidden,
-    "steps_per_epoch": steps_per_epoch,
-    "data_source": data_source,
-    "data_order": "numpy.random.default_rng([seed, epoch]).permutation",
-    "dropout_key": "jax.random.fold_in(jax.random.key(seed), step)",
-  }
-
-
-def _initial_state(
-  config: Config, workdir: Path, mesh: Mesh, run_meta: dict[str, Any], log: Callable[[str], None]
-) -> tuple[nnx.GraphDef, optax.GradientTransformation, TrainState, dict[str, Any] | None]:
-  """A new state, one from ``config.init_from``, or (resume) the workdir's newest good one.
-
-  Returns the graphdef, the optimizer, the state and, when resumed, the checkpoint's meta.
-  """
-  if config.init_from and config.resume:
-    raise ValueError(
-      "pass either --init-from (a new run from a converted checkpoint) or "
-      "--resume (this workdir's own checkpoints), not both"
-    )
-  graphdef, tx, state = create_train_state(config, mesh)
-  if config.init_from:
-    host_state, what = checkpointing.init_from_checkpoint(config.init_from, config, state)
-    state = jax.tree.map(lambda x: put(x, NamedSharding(mesh, P())), host_state)
-    run_meta["init_from"] = str(config.init_from)
-    log(f"Initialised from the {what}")
-  if not config.resume:
-    return graphdef, tx, state, None
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-  )
-  restored = checkpointing.restore_latest_good(workdir, abstract)
-  if restored is None:
-    log(
-      f"--resume: no checkpoint in {workdir / checkpointing.CHECKPOINT_DIR}, starting from scratch"
-    )
-    return graphdef, tx, state, None
-  state, meta = restored
-  for key, value in run_meta.items():
-    if meta.get(key) != value:
-      raise ValueError(
-        f"cannot resume: the checkpoint was made with {key}={meta.get(key)!r}, "
-        f"this run has {key}={value!r}"
-      )
-  log(
-    f"Resumed from {workdir / checkpointing.CHECKPOINT_DIR / str(meta['step'])}: step "
-    f"{meta['step']} (epoch {meta['epoch'] + 1}, step {meta['step_in_epoch']} of "
-    f"{meta['steps_per_epoch']})"
-  )
-  return graphdef, tx, state, meta
 
 
 def _epoch_data(on_device, config: Config, epoch: int, mesh: Mesh):
@@ -377,10 +317,3 @@ def _epoch_metrics(state, evaluate, test_set, epoch, step, train_seconds) -> dic
     "seconds": train_seconds + time.perf_counter() - start,
     "train_seconds": train_seconds,
   }
-
-
-def _save(manager, run_meta, history, steps_per_epoch, state, step, epoch_seconds) -> None:
-  """A checkpoint at ``step``; ``epoch_seconds`` is the time spent on its epoch so far."""
-  epoch, pos = divmod(step, steps_per_epoch)
-  meta = dict(run_meta, step=step, epoch=epoch, step_in_epoch=pos, history=history)
-  checkpointing.save(manager, state, dict(meta, epoch_elapsed=epoch_seconds))
