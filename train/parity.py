@@ -319,6 +319,29 @@ def _shared_mask_dropout(rate: float):
   return SharedMaskDropout()
 
 
+def _graphdef_for(config: ParityConfig, init: dict[str, np.ndarray], *, shared_masks: bool):
+  """The MLP's graphdef (its dropout layer swapped for shared masks if asked), after checking
+  that Keras's initial weights fit it exactly."""
+  from flax import nnx
+
+  from train.models import MLP
+
+  model = MLP(config.hidden, config.dropout_rate, rngs=nnx.Rngs(params=config.seed))
+  if shared_masks:
+    model.dropout = _shared_mask_dropout(config.dropout_rate)
+  graphdef, own = nnx.split(model, nnx.Param)
+  mine = _flat(nnx.to_pure_dict(own))
+  if set(mine) != set(PARAM_NAMES):
+    raise ValueError(f"MLP parameters {sorted(mine)}, expected {sorted(PARAM_NAMES)}")
+  for name in PARAM_NAMES:
+    if mine[name].shape != init[name].shape or mine[name].dtype != init[name].dtype:
+      raise ValueError(
+        f"{name}: Keras {init[name].shape} {init[name].dtype}, "
+        f"MLP {mine[name].shape} {mine[name].dtype}"
+      )
+  return graphdef
+
+
 def run_jax(
   config: ParityConfig,
   init: dict[str, np.ndarray],
@@ -352,9 +375,7 @@ def run_jax(
   """
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
-  from train.models import MLP
   from train.train import TrainState, apply_gradients, train_step
 
   start = time.perf_counter()
@@ -363,19 +384,7 @@ def run_jax(
   pixels = np.arange(256, dtype=np.uint8)
   pixels_match = bool(np.array_equal(scale_pixels(pixels), (pixels / 255.0).astype(np.float32)))
 
-  model = MLP(config.hidden, config.dropout_rate, rngs=nnx.Rngs(params=config.seed))
-  if masks is not None:
-    model.dropout = _shared_mask_dropout(config.dropout_rate)
-  graphdef, own = nnx.split(model, nnx.Param)
-  mine = _flat(nnx.to_pure_dict(own))
-  if set(mine) != set(PARAM_NAMES):
-    raise ValueError(f"MLP parameters {sorted(mine)}, expected {sorted(PARAM_NAMES)}")
-  for name in PARAM_NAMES:  # Keras's weights must fit the Flax model exactly.
-    if mine[name].shape != init[name].shape or mine[name].dtype != init[name].dtype:
-      raise ValueError(
-        f"{name}: Keras {init[name].shape} {init[name].dtype}, "
-        f"MLP {mine[name].shape} {mine[name].dtype}"
-      )
+  graphdef = _graphdef_for(config, init, shared_masks=masks is not None)
   params = jax.tree.map(jnp.asarray, _nest(init))
   tx = OPTIMIZERS[config.optimizer](config.learning_rate)
   state = TrainState(np.int32(0), params, tx.init(params), np.float32(0), np.int32(0), np.int32(0))
@@ -402,11 +411,7 @@ def run_jax(
     if t + 1 in recorded:
       for n, value in _flat(state.params).items():
         history[n].append(value)
-  counts = [
-    leaf
-    for leaf in jax.tree.leaves(state.opt_state)
-    if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.integer) and leaf.ndim == 0
-  ]
+  counts = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0 and x.dtype.kind in "iu"]
   return {
     "params": {n: np.stack(h) for n, h in history.items()},
     "loss": losses,
