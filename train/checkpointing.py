@@ -216,7 +216,8 @@ def initial_state(
   """The new ``state`` as is, or taken from ``config.init_from``, or (resume) from the workdir's
   newest good checkpoint, which must have been made with this ``run_meta``.
 
-  Returns the state (placed as ``state`` is) and, when resumed, the checkpoint's meta.
+  Returns the state (placed as ``state`` is) and, when resumed, the checkpoint's meta. With
+  ``init_from``, ``run_meta`` records it, so that a resume of this run must name it too.
   """
   if config.init_from and config.resume:
     raise ValueError(
