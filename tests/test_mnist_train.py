@@ -352,6 +352,14 @@ def test_workdir_reader_checks_the_manifest(tmp_path):
     read_checkpoint(tmp_path)
   with pytest.raises(ConversionError, match="holds no checkpoint"):
     read_checkpoint(tmp_path / "elsewhere")
+  # Without its manifest (a kill right after Orbax committed it), a damaged checkpoint is still
+  # one named error, not Orbax's own.
+  older = tmp_path / "checkpoints" / "8"
+  (older / "sha256.json").unlink()
+  data = max((older / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  with pytest.raises(ConversionError, match="Orbax cannot restore it"):
+    read_checkpoint(tmp_path, 8)
 
 
 def test_refuses_to_mix_runs(tmp_path):

@@ -104,11 +104,9 @@ def read_checkpoint(
 
   Raises:
     ConversionError: no checkpoint in ``workdir``, a file missing or not matching its sha256,
-      or (with ``target``) a restored state that does not match its digest. Orbax's own errors
-      (a file it cannot decode) propagate.
+      one Orbax cannot restore, or (with ``target``) a restored state that does not match its
+      digest.
   """
-  import orbax.checkpoint as ocp
-
   if step is None:
     steps = checkpoint_steps(workdir)
     if not steps:
@@ -118,27 +116,39 @@ def read_checkpoint(
   if not step_dir.is_dir():
     raise ConversionError(f"{step_dir}: no such checkpoint")
   check_files(step_dir)
-  handler = ocp.CompositeCheckpointHandler(
-    state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()
-  )
-  with ocp.Checkpointer(handler) as checkpointer:
-    abstract = target
-    if abstract is None:
-      tree = checkpointer.metadata(step_dir).item_metadata["state"]
-      host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-      abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host), getattr(tree, "tree", tree)
-      )
-    restored = checkpointer.restore(
-      step_dir,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-      ),
-    )
+  try:
+    restored = _restore(step_dir, target)
+  except Exception as e:  # Orbax's and TensorStore's many error types, as one named error.
+    reason = str(e).splitlines()[0][:300] if str(e) else ""
+    raise ConversionError(
+      f"{step_dir}: Orbax cannot restore it ({type(e).__name__}: {reason})"
+    ) from e
   state, meta = restored.state, restored.meta
+  if not isinstance(meta, dict):
+    raise ConversionError(f"{step_dir}: its meta item is {type(meta).__name__}, not a JSON object")
   if target is None:
     return jax.tree.map(np.asarray, state), meta
   state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(state))
   if state_digest(state) != meta.get("digest"):
     raise ConversionError(f"{step_dir}: the restored state does not match the sha256 saved with it")
   return state, meta
+
+
+def _restore(step_dir: Path, target: Any) -> Any:
+  """Orbax's restore of both items, into ``target`` or onto the host as the metadata says."""
+  import orbax.checkpoint as ocp
+
+  handler = ocp.CompositeCheckpointHandler(
+    state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()
+  )
+  with ocp.Checkpointer(handler) as checkpointer:
+    if target is None:
+      tree = checkpointer.metadata(step_dir).item_metadata["state"]
+      host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+      target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host), getattr(tree, "tree", tree)
+      )
+    return checkpointer.restore(
+      step_dir,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+    )
