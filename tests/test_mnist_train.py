@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from adamjax.convert import ConversionError
+from adamjax.convert.__main__ import _train_workdir_state
 from adamjax.convert._train_workdir import read_checkpoint
 from train import checkpointing, input_pipeline, mnist, models
 from train import train as train_lib
@@ -345,11 +346,14 @@ def test_workdir_reader_checks_the_manifest(tmp_path):
   )
   typed, _ = read_checkpoint(tmp_path, 8, target=target)
   assert isinstance(typed, train_lib.TrainState)  # Restored into the target, digest checked.
+  to_keras_reads = _train_workdir_state(tmp_path)  # What `adamjax.convert to-keras` reads.
+  assert_bitwise_equal(to_keras_reads["params"], metrics["state"].params)
 
   kernel = next((tmp_path / "checkpoints" / "16" / "state").rglob("d/*"))
   kernel.write_bytes(kernel.read_bytes()[:-1] + b"?")
-  with pytest.raises(ConversionError, match="does not match the sha256"):
-    read_checkpoint(tmp_path)
+  for read in (read_checkpoint, _train_workdir_state):
+    with pytest.raises(ConversionError, match="does not match the sha256"):
+      read(tmp_path)
   with pytest.raises(ConversionError, match="holds no checkpoint"):
     read_checkpoint(tmp_path / "elsewhere")
   # Without its manifest (a kill right after Orbax committed it), a damaged checkpoint is still

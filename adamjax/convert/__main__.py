@@ -50,16 +50,13 @@ def _describe(ckpt: convert.KerasCheckpoint) -> str:
 
 
 def _train_workdir_state(workdir: Path) -> dict[str, Any]:
-  """The newest checkpoint of a train/mnist.py workdir, restored untyped (dicts of arrays)."""
-  import orbax.checkpoint as ocp
+  """The newest checkpoint of a train/mnist.py workdir, restored untyped (dicts of arrays).
 
-  steps = sorted(
-    (int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()), reverse=True
-  )
-  if not steps:
-    raise convert.ConversionError(f"{workdir}/checkpoints holds no checkpoint")
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore((workdir / "checkpoints" / str(steps[0]) / "state").absolute())
+  Read as training resumes it: files checked against their sha256 manifest first.
+  """
+  from adamjax.convert._train_workdir import read_checkpoint
+
+  return read_checkpoint(workdir)[0]
 
 
 def to_keras(source: Path, out: Path, template: Path | None) -> convert.KerasCheckpoint:
