@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamjax import _common
+from adamjax import _common, _xla_exact
 
 
 class KerasAccumulationState(NamedTuple):
@@ -64,10 +64,12 @@ def keras_gradient_accumulation(
     # The same control flow as Keras's JAX backend: `lax.cond` picks the gradient, the inner
     # update runs on it, and `lax.cond` keeps or drops the result. The gradient arrives rounded
     # (an unscale upstream must not fuse into the sum as an FMA).
-    r = _common.make_rounder(True, state.mini_step)
+    r = _xla_exact.make_no_fma(state.mini_step)
     summed = _common.tree_map_leaves(lambda g, a: r(g) + a.astype(g.dtype), updates, state.acc)
     divide = (
-      (lambda s: s / steps) if fused_multiply_add else (lambda s: _common.true_divide(s, steps))
+      (lambda s: s / steps)
+      if fused_multiply_add
+      else (lambda s: _xla_exact.no_reciprocal_divide(s, steps))
     )
     grads = jax.lax.cond(
       is_update_step, lambda: _common.tree_map_leaves(divide, summed), lambda: updates

@@ -1,7 +1,8 @@
-"""Plumbing shared by every preset: validation, tree checks, counters, rounding.
+"""Plumbing shared by every preset: validation, tree checks, counters.
 
 The per-leaf Adam arithmetic lives in the preset modules; this module holds what maps it over
-pytrees and keeps it honest (named errors, saturating counters, float32 rounding under jit).
+pytrees and keeps it honest (named errors, saturating counters). The guards that keep XLA from
+changing float32 results under jit are in `_xla_exact`.
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ __all__ = [
   "check_hyperparameter",
   "check_updates_match",
   "find_state",
-  "make_rounder",
-  "opaque_zero",
-  "rounded",
   "safe_increment",
   "resolve",
   "tree_map_leaves",
   "tree_unzip",
-  "true_divide",
 ]
 
 safe_increment = optax.safe_increment  # Saturates at the dtype's maximum instead of wrapping.
@@ -51,52 +48,6 @@ def tree_unzip(like: Any, tree: Any, n: int) -> tuple[Any, ...]:
   return tuple(
     treedef.unflatten([None if leaf is None else leaf[i] for leaf in leaves]) for i in range(n)
   )
-
-
-def opaque_zero(count: jax.Array) -> jax.Array:
-  """An int32 zero that the compiler cannot see is zero: `min(count, 0)` for a count >= 0."""
-  return jnp.minimum(jnp.asarray(count, jnp.int32), 0)
-
-
-_SAME_WIDTH_INT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
-
-
-def rounded(x: jax.Array, zero: jax.Array) -> jax.Array:
-  """Returns `x` bit for bit, as a value XLA cannot contract into a fused multiply-add.
-
-  TensorFlow's CPU kernels and Keras (TF backend, or JAX run op by op) round every product to
-  the working precision before adding it. Under `jax.jit` XLA's CPU and GPU backends contract
-  `a * b + c` into one FMA with a single rounding, which drifts from TensorFlow by ulps that
-  compound over steps. `lax.optimization_barrier` and `lax.reduce_precision` are gone by the
-  time LLVM sees the multiply-add, and bit tricks that are identities (`copysign(|x|, x)`) can
-  be folded away by LLVM in some contexts. OR-ing the bits with `zero`, an int32 zero computed
-  at run time (:func:`opaque_zero`), is an identity no compiler can prove, so the product is
-  rounded before anything consumes it. It costs one integer OR per element in a memory-bound
-  kernel.
-  """
-  dtype = jnp.result_type(x)
-  int_dtype = _SAME_WIDTH_INT[jnp.dtype(dtype).itemsize]
-  bits = jax.lax.bitcast_convert_type(x, int_dtype)
-  return jax.lax.bitcast_convert_type(bits | zero.astype(int_dtype), dtype)
-
-
-def true_divide(x: jax.Array, divisor: Any) -> jax.Array:
-  """`x / divisor`, correctly rounded, as TensorFlow divides.
-
-  XLA compiles a division by a constant or by a broadcast scalar as a multiplication by the
-  reciprocal, which is off by an ulp for about a third of quotients when the divisor is not a
-  power of two. An optimization barrier around the broadcast divisor keeps it a division.
-  """
-  divisor = jnp.broadcast_to(jnp.asarray(divisor, jnp.result_type(x)), jnp.shape(x))
-  return x / jax.lax.optimization_barrier(divisor)
-
-
-def make_rounder(round_products: bool, count: jax.Array):
-  """`x -> rounded(x, opaque_zero(count))` if `round_products`, else the identity."""
-  if not round_products:
-    return lambda x: x
-  zero = opaque_zero(count)
-  return lambda x: rounded(x, zero)
 
 
 def resolve(value: Any, count: jax.Array) -> Any:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamjax import _common
+from adamjax import _common, _xla_exact
 
 
 class EmaState(NamedTuple):
@@ -91,7 +91,7 @@ def ema(
     if params is None:
       raise ValueError("ema needs the params: call update(grads, state, params)")
     iterations = state.step // gradient_accumulation_steps
-    r = _common.make_rounder(not fused_multiply_add, state.step)
+    r = _xla_exact.make_no_fma(state.step, not fused_multiply_add)
 
     def average(u, p, avg):
       new_p = p + u

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -10,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamjax import _common
+from adamjax import _common, _xla_exact
 from adamjax._accumulation import keras_gradient_accumulation
 from adamjax._ema import ema
+from adamjax._eps_hat import EpsHatScalars, eps_hat_update
 from adamjax._keras_clip import keras_clip_by_global_norm, keras_clip_by_norm, keras_clip_by_value
 from adamjax._keras_weight_decay import keras_weight_decay
 from adamjax._loss_scale import unscale_gradients
@@ -34,40 +36,23 @@ class ScaleByKerasAdamState(NamedTuple):
   nu_max: optax.Updates | None
 
 
-def _keras_step(
-  g: jax.Array,
-  m: jax.Array,
-  v: jax.Array,
-  v_max: jax.Array | None,
-  *,
-  lr: jax.Array,
-  count_inc: jax.Array,
-  beta_1: Any,
-  beta_2: Any,
-  epsilon: Any,
-  r: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-  """One leaf of `keras.optimizers.Adam.update_step`, operation for operation.
+def _keras_scalars(
+  dtype: jnp.dtype, *, lr: Any, count_inc: jax.Array, beta_1: Any, beta_2: Any, epsilon: Any
+) -> EpsHatScalars:
+  """The scalars of `keras.optimizers.Adam.update_step`, rounded as Keras rounds them.
 
-  Keras computes in the variable's dtype; `1 - beta` is Python (double) arithmetic rounded once
-  to that dtype; the beta powers are `pow` in that dtype; moments use `m + (g - m) * (1 - b1)`.
+  Keras computes in the variable's dtype: `1 - beta` is Python (double) arithmetic rounded once
+  to that dtype, and the beta powers are `pow` in that dtype.
   """
-  dtype = m.dtype
-  # The gradient arrives rounded, as it does in TF: a product computed upstream (a clip, an
-  # unscale) must not fuse into `g - m` as an FMA.
-  g = r(g.astype(dtype))
   t = count_inc.astype(dtype)
   beta_1_power = jnp.power(jnp.asarray(beta_1, dtype), t)
   beta_2_power = jnp.power(jnp.asarray(beta_2, dtype), t)
-  alpha = jnp.asarray(lr, dtype) * jnp.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-  m = m + r((g - m) * jnp.asarray(1 - beta_1, dtype))
-  v = v + r((r(jnp.square(g)) - v) * jnp.asarray(1 - beta_2, dtype))
-  v_used = v
-  if v_max is not None:
-    v_max = jnp.maximum(v_max, v)
-    v_used = v_max
-  step = (m * alpha) / (jnp.sqrt(v_used) + jnp.asarray(epsilon, dtype))
-  return step, m, v, v_max
+  return EpsHatScalars(
+    alpha=jnp.asarray(lr, dtype) * jnp.sqrt(1 - beta_2_power) / (1 - beta_1_power),
+    one_minus_beta1=jnp.asarray(1 - beta_1, dtype),
+    one_minus_beta2=jnp.asarray(1 - beta_2, dtype),
+    epsilon=jnp.asarray(epsilon, dtype),
+  )
 
 
 def scale_by_keras_adam(
@@ -130,24 +115,14 @@ def scale_by_keras_adam(
     _common.check_updates_match(updates, state.nu)
     lr = _common.resolve(learning_rate, state.count)
     count_inc = _common.safe_increment(state.count)
-    step = lambda g, m, v, vm: _keras_step(  # noqa: E731
-      g,
-      m,
-      v,
-      vm,
-      lr=lr,
-      count_inc=count_inc,
-      beta_1=beta_1,
-      beta_2=beta_2,
-      epsilon=epsilon,
-      r=_common.make_rounder(not fused_multiply_add, state.count),
+    scalars = functools.partial(
+      _keras_scalars, lr=lr, count_inc=count_inc, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon
     )
-    nu_max = state.nu_max if amsgrad else jax.tree.map(lambda _: None, state.nu)
-    out = _common.tree_map_leaves(step, updates, state.mu, state.nu, nu_max)
-    steps, mu, nu, nu_max = _common.tree_unzip(updates, out, 4)
-    return steps, ScaleByKerasAdamState(
-      count=count_inc, mu=mu, nu=nu, nu_max=nu_max if amsgrad else None
+    no_fma = _xla_exact.make_no_fma(state.count, not fused_multiply_add)
+    steps, mu, nu, nu_max = eps_hat_update(
+      updates, state.mu, state.nu, state.nu_max, scalars, no_fma
     )
+    return steps, ScaleByKerasAdamState(count=count_inc, mu=mu, nu=nu, nu_max=nu_max)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

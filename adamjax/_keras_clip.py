@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamjax import _common
+from adamjax import _common, _xla_exact
 
 
 class KerasClipState(NamedTuple):
@@ -57,7 +57,7 @@ def keras_clip_by_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    r = _common.make_rounder(not fused_multiply_add, state.step)
+    r = _xla_exact.make_no_fma(state.step, not fused_multiply_add)
 
     def clip(g):
       l2sum = _sum_of_squares(g, r, keepdims=True)
@@ -101,7 +101,7 @@ def keras_clip_by_global_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    r = _common.make_rounder(not fused_multiply_add, state.step)
+    r = _xla_exact.make_no_fma(state.step, not fused_multiply_add)
     leaves = [g for g in jax.tree.leaves(updates) if g is not None]
     norm = jnp.sqrt(jnp.sum(jnp.stack([_sum_of_squares(g, r) for g in leaves])))
     scale = global_clipnorm * jnp.minimum(1.0 / norm, 1.0 / global_clipnorm) + (norm - norm)

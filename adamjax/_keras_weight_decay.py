@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamjax import _common
+from adamjax import _common, _xla_exact
 
 
 class KerasWeightDecayState(NamedTuple):
@@ -109,7 +109,7 @@ def keras_weight_decay(
     if params is None:
       raise ValueError("keras_weight_decay needs the params: call update(grads, state, params)")
     lr = _common.resolve(learning_rate, state.step)
-    r = _common.make_rounder(not fused_multiply_add, state.step)
+    r = _xla_exact.make_no_fma(state.step, not fused_multiply_add)
 
     def decayed_update(u, p, decay):
       if not decay:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamjax import _common
+from adamjax import _common, _xla_exact
 
 
 def unscale_gradients(
@@ -36,7 +36,7 @@ def unscale_gradients(
     divide = (
       (lambda g: g / loss_scale_factor)
       if fused_multiply_add
-      else (lambda g: _common.true_divide(g, loss_scale_factor))
+      else (lambda g: _xla_exact.no_reciprocal_divide(g, loss_scale_factor))
     )
     return _common.tree_map_leaves(divide, updates), state
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from adamjax import _common
+from adamjax import _common, _xla_exact
+from adamjax._eps_hat import EpsHatScalars, eps_hat_update
 
 
 class ScaleByTF1AdamState(NamedTuple):
@@ -29,10 +31,8 @@ class ScaleByTF1AdamState(NamedTuple):
   beta2_power: jax.Array
 
 
-def _tf1_step(
-  g: jax.Array,
-  m: jax.Array,
-  v: jax.Array,
+def _tf1_scalars(
+  dtype: jnp.dtype,
   *,
   lr: Any,
   beta1: Any,
@@ -40,25 +40,20 @@ def _tf1_step(
   epsilon: Any,
   beta1_power: jax.Array,
   beta2_power: jax.Array,
-  r: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One leaf of TensorFlow's CPU `ApplyAdamNonCuda` kernel (`training_ops.cc`).
+) -> EpsHatScalars:
+  """The scalars of TensorFlow's CPU `ApplyAdamNonCuda` kernel (`training_ops.cc`).
 
   Every scalar is cast to the variable dtype and `1 - beta` is a subtraction in that dtype
   (`T(1) - beta1()`: 0.100000024 for beta1 = 0.9 in float32, not 0.1).
   """
-  dtype = m.dtype
   cast = lambda x: jnp.asarray(x).astype(dtype)  # noqa: E731
-  # The gradient arrives rounded, as it does in TF: a product computed upstream (a clip, an
-  # unscale) must not fuse into `g - m` as an FMA.
-  g = r(g.astype(dtype))
   one = jnp.ones([], dtype)
-  b1, b2 = cast(beta1), cast(beta2)
-  alpha = cast(lr) * jnp.sqrt(one - cast(beta2_power)) / (one - cast(beta1_power))
-  m = m + r((g - m) * (one - b1))
-  v = v + r((r(jnp.square(g)) - v) * (one - b2))
-  step = (m * alpha) / (jnp.sqrt(v) + cast(epsilon))
-  return step, m, v
+  return EpsHatScalars(
+    alpha=cast(lr) * jnp.sqrt(one - cast(beta2_power)) / (one - cast(beta1_power)),
+    one_minus_beta1=one - cast(beta1),
+    one_minus_beta2=one - cast(beta2),
+    epsilon=cast(epsilon),
+  )
 
 
 def scale_by_tf1_adam(
@@ -114,20 +109,17 @@ def scale_by_tf1_adam(
     del params
     _common.check_updates_match(updates, state.nu)
     lr = _common.resolve(learning_rate, state.count)
-    step = lambda g, m, v: _tf1_step(  # noqa: E731
-      g,
-      m,
-      v,
+    scalars = functools.partial(
+      _tf1_scalars,
       lr=lr,
       beta1=beta1,
       beta2=beta2,
       epsilon=epsilon,
       beta1_power=state.beta1_power,
       beta2_power=state.beta2_power,
-      r=_common.make_rounder(not fused_multiply_add, state.count),
     )
-    out = _common.tree_map_leaves(step, updates, state.mu, state.nu)
-    steps, mu, nu = _common.tree_unzip(updates, out, 3)
+    no_fma = _xla_exact.make_no_fma(state.count, not fused_multiply_add)
+    steps, mu, nu, _ = eps_hat_update(updates, state.mu, state.nu, None, scalars, no_fma)
     # TF's `_finish`: after every variable is updated, beta_power *= beta (float32).
     return steps, ScaleByTF1AdamState(
       count=_common.safe_increment(state.count),

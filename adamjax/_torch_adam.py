@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamjax import _common
+from adamjax import _common, _xla_exact
 
 # PyTorch keeps `state["step"]` as a float32 tensor: 2**24 + 1 rounds back to 2**24, so the step
 # that enters the bias corrections stops there.
 _MAX_TORCH_STEP = 2**24
 
-Rounder = Callable[[jax.Array], jax.Array]  # `_common.make_rounder(True, count)`
+Rounder = Callable[[jax.Array], jax.Array]  # `_xla_exact.make_no_fma(count)`
 DoubleFloat = tuple[jax.Array, jax.Array]  # (hi, lo) float32 pair: hi + lo to ~48 bits
 
 
@@ -49,7 +49,7 @@ class ScaleByTorchAdamState(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Exact float32 building blocks. JAX without x64 has no float64 and no FMA primitive; these give
 # PyTorch's double-precision scalars and its fused multiply-adds from float32 operations only.
-# `r` is `_common.make_rounder(True, count)`: every product that is added goes through it, so
+# `r` is `_xla_exact.make_no_fma(count)`: every product that is added goes through it, so
 # XLA's contraction cannot change it, and so does every sum whose rounding error is recovered,
 # since XLA's simplifier rewrites `(x + 1) - 1` to `x`.
 # ---------------------------------------------------------------------------------------------
@@ -100,15 +100,6 @@ def _fma(r: Rounder, a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
   odd = jax.lax.bitcast_convert_type(jnp.where(keep, bits, bits + toward), jnp.float32)
   z = th + odd
   return jnp.where(jnp.isfinite(z), z, r(a * b) + c)
-
-
-def _elementwise(scalar: jax.Array, like: jax.Array) -> jax.Array:
-  """`scalar` at every element of `like`, in a form XLA cannot see is a broadcast.
-
-  XLA rewrites `x / broadcast(s)` as `x * broadcast(1 / s)`, which is not `x / s` in 14% of
-  cases; a select on `like` (NaN wherever `like` is NaN, so the quotient is unchanged) is not.
-  """
-  return jnp.where(jnp.isnan(like), like, scalar)
 
 
 def _df(x: Any) -> tuple[jax.Array, jax.Array]:
@@ -254,7 +245,9 @@ def _torch_step(
     v_used = v_max
   # denom = (v.sqrt() / bias_correction2_sqrt).add_(eps); each op stored in the dtype.
   root = store(jnp.sqrt(v_used))
-  denom = store(store(root / _elementwise(bias_correction2_sqrt, root)) + jnp.asarray(eps, f32))
+  denom = store(
+    store(_xla_exact.no_reciprocal_divide(root, bias_correction2_sqrt)) + jnp.asarray(eps, f32)
+  )
   # param.addcdiv_(exp_avg, denom, value=-step_size): `self + (value*t1)/t2`.
   delta = (-step_size * m) / denom
   if decay is None:
@@ -360,7 +353,7 @@ def scale_by_torch_adam(
     count_inc = _common.safe_increment(state.count)
     step = jnp.minimum(count_inc, _MAX_TORCH_STEP)
     # step_size = lr / (1 - beta1**step); bias_correction2**0.5: float64 in PyTorch.
-    r = _common.make_rounder(True, state.count)
+    r = _xla_exact.make_no_fma(state.count)
     step_size = _df_div_to_f32(r, _df(current_lr), _bias_correction(r, beta1, step))
     bc2_sqrt = _df_sqrt_to_f32(r, _bias_correction(r, beta2, step))
     decay = (

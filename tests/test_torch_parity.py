@@ -40,7 +40,7 @@ from adamjax_runner import run_optax
 from reference_runners import make_gradient_sequence, make_params, ulp_distance
 
 import adamjax
-from adamjax import _common, _torch_adam
+from adamjax import _torch_adam, _xla_exact
 from adamjax._torch_adam import ScaleByTorchAdamState, scale_by_torch_adam, torch_adam, torch_adamw
 
 torch = pytest.importorskip("torch")
@@ -211,7 +211,7 @@ def test_bias_corrections_equal_float64_rounded_for_every_step_to_100000(betas, 
   steps = np.arange(1, 100_001)
 
   def scalars(t):
-    r = _common.make_rounder(True, t - 1)
+    r = _xla_exact.make_no_fma(t - 1)
     return (
       _torch_adam._df_div_to_f32(r, _torch_adam._df(lr), _torch_adam._bias_correction(r, b1, t)),
       _torch_adam._df_sqrt_to_f32(r, _torch_adam._bias_correction(r, b2, t)),
@@ -235,11 +235,9 @@ def test_decay_factor_equals_float64_rounded():
   rng = np.random.default_rng(0)
   lrs = (10.0 ** rng.uniform(-6, 0, 2000)).astype(np.float32)
   wds = (10.0 ** rng.uniform(-5, 0, 2000)).astype(np.float32)
-  rounder = _common.make_rounder(True, jnp.zeros([], jnp.int32))
+  rounder = _xla_exact.make_no_fma(jnp.zeros([], jnp.int32))
   ours = jax.jit(
-    jax.vmap(
-      lambda lr, wd, count: _torch_adam._decay_factor(_common.make_rounder(True, count), lr, wd)
-    )
+    jax.vmap(lambda lr, wd, count: _torch_adam._decay_factor(_xla_exact.make_no_fma(count), lr, wd))
   )(lrs, wds, jnp.zeros(lrs.shape, jnp.int32))
   expected = (1.0 - lrs.astype(np.float64) * wds.astype(np.float64)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(ours), expected)
@@ -268,7 +266,7 @@ def test_fma_emulation_rounds_once(jit):
   exact = (exact_sum - c == product) & (exact_sum - product == c)  # float64 sum exact
 
   def fma(a, b, c, count):
-    return _torch_adam._fma(_common.make_rounder(True, count), a, b, c)
+    return _torch_adam._fma(_xla_exact.make_no_fma(count), a, b, c)
 
   fma = jax.jit(fma) if jit else fma
   got = np.asarray(fma(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c), jnp.int32(0)))
