@@ -48,8 +48,7 @@ def keras_gradient_accumulation(
   References:
     `keras/src/backend/jax/optimizer.py` (`_backend_apply_gradients`).
   """
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-    raise ValueError(f"gradient_accumulation_steps must be an integer >= 2, got {steps!r}")
+  steps = _common.check_static_int("gradient_accumulation_steps", steps, low=2, allow_none=False)
 
   def init_fn(params):
     return KerasAccumulationState(

@@ -7,6 +7,7 @@ changing float32 results under jit are in `_xla_exact`.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -19,8 +20,11 @@ import optax
 __all__ = [
   "check_betas_representable",
   "check_hyperparameter",
+  "check_static_int",
   "check_updates_match",
   "find_state",
+  "given",
+  "keras_learning_rate",
   "safe_increment",
   "resolve",
   "tree_map_leaves",
@@ -55,6 +59,61 @@ def resolve(value: Any, count: jax.Array) -> Any:
   return value(count) if callable(value) else value
 
 
+def keras_learning_rate(value: Any) -> Any:
+  """A Keras learning rate as a number or a schedule of the 0-based iteration.
+
+  Keras calls a `LearningRateSchedule` with `optimizer.iterations` and any other callable with
+  no argument (`Adam(learning_rate=lambda: 0.1)`); an optax schedule needs the step. So a
+  callable that can be called without arguments is called without, at each update (when the
+  update is traced, under `jax.jit`), and one that needs an argument gets the iteration.
+  """
+  if not callable(value):
+    return value
+  try:
+    inspect.signature(value).bind()
+  except (TypeError, ValueError):  # needs the step (or has no signature): a schedule
+    return value
+  return lambda count: value()
+
+
+def given(value: Any) -> bool:
+  """Whether an optional option is on, as Keras's `if option:`, for arrays and tracers too.
+
+  A traced value (an injected hyperparameter under `jax.jit`) cannot be tested and counts as
+  on; an array is on when any element is nonzero.
+  """
+  if value is None:
+    return False
+  if isinstance(value, jax.core.Tracer):
+    return True
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    return bool(np.any(np.asarray(value) != 0))
+  return bool(value)
+
+
+def check_static_int(name: str, value: Any, *, low: int, allow_none: bool = True) -> int | None:
+  """Returns `value` as a Python int, or raises `ValueError` naming `name` and `value`.
+
+  Counts decide the structure of the computation, so they must be concrete: a 0-d integer
+  array is accepted; a traced one (an `optax.inject_hyperparams` argument) is refused with the
+  remedy, `static_args`.
+  """
+  if value is None and allow_none:
+    return None
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+      f"{name} must be a concrete integer, got a traced value {value!r}: it fixes the "
+      f"structure of the update. With optax.inject_hyperparams, list it in static_args."
+    )
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)) and (
+    value.shape == () and jnp.issubdtype(value.dtype, jnp.integer)
+  ):
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+  return value
+
+
 def check_hyperparameter(
   name: str,
   value: Any,
@@ -63,36 +122,52 @@ def check_hyperparameter(
   high: float | None = None,
   high_inclusive: bool = False,
   allow_schedule: bool = False,
+  scalar: bool = False,
 ) -> None:
   """Raises `ValueError` naming `name` and `value` if a concrete hyperparameter is invalid.
 
-  Traced values and schedules cannot be checked when the transformation is built and are let
-  through (a schedule only where `allow_schedule`).
+  Accepts what optax accepts: Python numbers, and NumPy or JAX scalars and arrays of any real
+  dtype (bfloat16 and float16 included, as `optax.inject_hyperparams` passes them), checking
+  every element of an array, which then broadcasts against the leaves as in optax (`scalar`
+  refuses arrays that are not 0-d, where the framework takes a single number).
+  Traced values (under `jax.jit`, or injected) cannot be checked when the transformation is
+  built and are let through, and so are schedules where `allow_schedule`. Booleans, strings,
+  None, complex numbers and Python sequences are refused: optax would fail on them later, or
+  compute with them silently.
   """
+  if isinstance(value, jax.core.Tracer):
+    return
   if callable(value):
     if allow_schedule:
       return
     raise ValueError(f"{name} must be a number, got the callable {value!r}")
-  if isinstance(value, jax.core.Tracer):
-    return
-  if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+    value, (numbers.Real, np.generic, np.ndarray, jax.Array)
+  ):
     raise ValueError(f"{name} must be a real number, got {value!r}")
-  if not isinstance(value, numbers.Real):
-    try:
-      array = np.asarray(value)
-    except Exception as e:  # noqa: BLE001 - any failure means "not a number"
-      raise ValueError(f"{name} must be a real number, got {value!r}") from e
-    if array.shape != () or array.dtype.kind not in "iuf":
-      raise ValueError(f"{name} must be a real scalar, got {value!r}")
-    value = array.item()
-  value = float(value)
-  if not np.isfinite(value):
+  if isinstance(value, numbers.Real):
+    array = np.asarray(float(value))
+  elif jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer):
+    array = np.asarray(value, np.float64)
+  else:
+    raise ValueError(f"{name} must be a real number, got {value!r} of dtype {value.dtype}")
+  if scalar and array.shape != ():
+    raise ValueError(f"{name} must be a real scalar, got {value!r}")
+  if not np.all(np.isfinite(array)):
     raise ValueError(f"{name} must be finite, got {value!r}")
-  if low is not None and value < low:
+  if low is not None and np.any(array < low):
     raise ValueError(f"{name} must be >= {low}, got {value!r}")
-  if high is not None and (value > high or (value == high and not high_inclusive)):
+  if high is not None and np.any((array > high) | ((array == high) & (not high_inclusive))):
     bracket = "]" if high_inclusive else ")"
-    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+    hint = ""
+    if hasattr(value, "dtype") and jnp.dtype(value.dtype).itemsize < 4:
+      # optax.inject_hyperparams casts hyperparameters to the parameters' dtype, where 0.999
+      # is 1.0 (bfloat16): optax then divides by a zero bias correction and trains on NaN.
+      hint = (
+        f" ({value.dtype} rounds betas near 1 to 1.0; with optax.inject_hyperparams pass "
+        f"hyperparam_dtype=jnp.float32)"
+      )
+    raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}{hint}")
 
 
 def check_betas_representable(params: Any, preset: str, **betas: Any) -> None:
@@ -109,7 +184,7 @@ def check_betas_representable(params: Any, preset: str, **betas: Any) -> None:
     for name, beta in betas.items():
       if isinstance(beta, jax.core.Tracer):
         continue
-      if np.asarray(np.asarray(beta, np.float64), dtype).astype(np.float64) == 1.0:
+      if np.any(np.asarray(np.asarray(beta, np.float64), dtype).astype(np.float64) == 1.0):
         raise ValueError(
           f"{preset} computes in the parameter dtype, as its framework does, and "
           f"{name}={beta!r} rounds to 1.0 in {dtype}, so every step would be zero. Keep "

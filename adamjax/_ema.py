@@ -74,14 +74,9 @@ def ema(
     `keras/src/backend/jax/optimizer.py`.
   """
   _common.check_hyperparameter("ema_momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
-  if overwrite_frequency is not None and (
-    isinstance(overwrite_frequency, bool)
-    or not isinstance(overwrite_frequency, int)
-    or overwrite_frequency < 0
-  ):
-    raise ValueError(
-      f"ema_overwrite_frequency must be an integer >= 1 or None, got {overwrite_frequency!r}"
-    )
+  overwrite_frequency = _common.check_static_int(
+    "ema_overwrite_frequency", overwrite_frequency, low=0
+  )
   overwrite_frequency = overwrite_frequency or None  # Keras reads 0 as "never", as None
 
   def init_fn(params):

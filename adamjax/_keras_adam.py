@@ -1,7 +1,7 @@
 """Adam with Keras 3 semantics (`keras.optimizers.Adam`): epsilon-hat, Keras's rounding order."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax's tools read `learning_rate`'s annotation at
+# run time (`optax.ScalarOrSchedule` marks a preset that takes a schedule).
 import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -79,7 +79,8 @@ def scale_by_keras_adam(
 
   Args:
     learning_rate: A float or a schedule, evaluated at the 0-based `count` as Keras evaluates
-      a `LearningRateSchedule` at `optimizer.iterations`.
+      a `LearningRateSchedule` at `optimizer.iterations`; a callable that takes no argument is
+      called with none, as Keras calls it.
     beta_1: Decay rate of the first moment.
     beta_2: Decay rate of the second moment.
     epsilon: Keras's epsilon, "epsilon hat": added to the root of the *uncorrected* second
@@ -96,7 +97,8 @@ def scale_by_keras_adam(
   References:
     Kingma & Ba 2015, the formula before section 2.1; `keras/src/optimizers/adam.py`.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+  _common.check_hyperparameter("learning_rate", learning_rate, allow_schedule=True)
+  learning_rate = _common.keras_learning_rate(learning_rate)
   _common.check_hyperparameter("beta_1", beta_1, low=0.0, high=1.0)
   _common.check_hyperparameter("beta_2", beta_2, low=0.0, high=1.0)
   _common.check_hyperparameter("epsilon", epsilon, low=0.0)
@@ -135,7 +137,8 @@ def _check_keras_learning_rate(learning_rate: Any) -> None:
       f"learning_rate should be a float or a schedule, got the integer {learning_rate!r} "
       "(Keras refuses integers too: write 1.0, not 1)"
     )
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+  # Keras checks nothing else: a negative learning rate ascends, as in Keras.
+  _common.check_hyperparameter("learning_rate", learning_rate, allow_schedule=True)
 
 
 def _keras_clip(clipnorm, clipvalue, global_clipnorm, fused_multiply_add):
@@ -153,12 +156,12 @@ def _keras_clip(clipnorm, clipvalue, global_clipnorm, fused_multiply_add):
       "Only one of clipnorm, clipvalue and global_clipnorm can be set, got "
       + ", ".join(f"{k}={v!r}" for k, v in given.items())
     )
-  # As in Keras, a clip option is active only when > 0.
-  if clipnorm:
+  # As in Keras, a clip option is active only when nonzero (an injected, traced one is active).
+  if _common.given(clipnorm):
     return [keras_clip_by_norm(clipnorm, fused_multiply_add=fused_multiply_add)]
-  if global_clipnorm:
+  if _common.given(global_clipnorm):
     return [keras_clip_by_global_norm(global_clipnorm, fused_multiply_add=fused_multiply_add)]
-  if clipvalue:
+  if _common.given(clipvalue):
     return [keras_clip_by_value(clipvalue)]
   return []
 
@@ -204,7 +207,10 @@ def keras_adam(
   Args:
     learning_rate: A float or a schedule `iteration -> lr` (an optax schedule, or a Keras
       `LearningRateSchedule` when Keras runs on the JAX backend), evaluated at the 0-based raw
-      iteration as Keras does. Integers are refused, as in Keras.
+      iteration as Keras does; or, as in Keras, a callable of no argument (`lambda: 0.1`),
+      called at each update (when it is traced, under `jax.jit`). Integers are refused, as in
+      Keras; negative values ascend. NumPy and JAX scalars of any float dtype (those of
+      `optax.inject_hyperparams` included) are accepted, as in optax.
     beta_1: Decay rate of the first moment.
     beta_2: Decay rate of the second moment.
     epsilon: Epsilon hat (see the warning).
@@ -257,9 +263,10 @@ def keras_adam(
   """
   del name
   _check_keras_learning_rate(learning_rate)
-  steps = gradient_accumulation_steps
-  if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
-    raise ValueError(f"gradient_accumulation_steps must be an integer >= 2, got {steps!r}")
+  learning_rate = _common.keras_learning_rate(learning_rate)
+  steps = _common.check_static_int(
+    "gradient_accumulation_steps", gradient_accumulation_steps, low=2
+  )
   lr = learning_rate
   if steps and callable(learning_rate):
     # Keras evaluates the schedule at its raw iteration counter, which counts every call; the
@@ -271,7 +278,7 @@ def keras_adam(
     scale_by_keras_adam(lr, beta_1, beta_2, epsilon, amsgrad, fused_multiply_add=fma),
     optax.scale(-1.0),
   ]
-  if weight_decay:
+  if _common.given(weight_decay):
     update.append(
       keras_weight_decay(
         weight_decay,
@@ -282,7 +289,7 @@ def keras_adam(
       )
     )
   elif weight_decay is not None:
-    _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+    _common.check_hyperparameter("weight_decay", weight_decay)
   pipeline = (
     []
     if loss_scale_factor is None
@@ -333,10 +340,16 @@ def keras_adamw(
   (`w -= w * weight_decay * lr`, before the step), and the same signature order as Keras's
   (`weight_decay` second). Every argument is as in :func:`keras_adam`.
 
+  Raises:
+    ValueError: as :func:`keras_adam`, and for `weight_decay=None`, which Keras's AdamW refuses
+      with the same message.
+
   Example:
     >>> import adamjax
     >>> tx = adamjax.keras_adamw(1e-3, exclude_from_weight_decay=["bias"])
   """
+  if weight_decay is None:
+    raise ValueError("Argument `weight_decay` must be a float. Received: weight_decay=None")
   return keras_adam(
     learning_rate,
     beta_1,

@@ -1,7 +1,7 @@
 """Keras's decoupled weight decay, applied to the variable before the optimizer's step."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax's tools read `learning_rate`'s annotation at
+# run time (`optax.ScalarOrSchedule` marks a preset that takes a schedule).
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -98,8 +98,10 @@ def keras_weight_decay(
     `keras/src/optimizers/base_optimizer.py` (`_apply_weight_decay`,
     `exclude_from_weight_decay`).
   """
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+  # Keras checks neither: a negative decay or learning rate is taken as given.
+  _common.check_hyperparameter("weight_decay", weight_decay)
+  _common.check_hyperparameter("learning_rate", learning_rate, allow_schedule=True)
+  learning_rate = _common.keras_learning_rate(learning_rate)
 
   def init_fn(params):
     del params

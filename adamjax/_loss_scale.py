@@ -28,7 +28,7 @@ def unscale_gradients(
     A stateless `optax.GradientTransformation`.
   """
   _common.check_hyperparameter("loss_scale_factor", loss_scale_factor, low=0.0)
-  if loss_scale_factor == 0:
+  if not isinstance(loss_scale_factor, jax.core.Tracer) and not _common.given(loss_scale_factor):
     raise ValueError(f"loss_scale_factor must be > 0, got {loss_scale_factor!r}")
 
   def update_fn(updates, state, params=None):
@@ -86,12 +86,9 @@ def dynamic_loss_scale(
     `keras/src/optimizers/loss_scale_optimizer.py`.
   """
   _common.check_hyperparameter("initial_scale", initial_scale, low=0.0)
-  if (
-    isinstance(dynamic_growth_steps, bool)
-    or not isinstance(dynamic_growth_steps, int)
-    or (dynamic_growth_steps < 1)
-  ):
-    raise ValueError(f"dynamic_growth_steps must be an integer >= 1, got {dynamic_growth_steps!r}")
+  dynamic_growth_steps = _common.check_static_int(
+    "dynamic_growth_steps", dynamic_growth_steps, low=1, allow_none=False
+  )
 
   def init_fn(params):
     return DynamicLossScaleState(

@@ -1,7 +1,7 @@
 """Adam with optax semantics (Algorithm 1 of Kingma & Ba): a drop-in for `optax.adam`."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax's tools read `learning_rate`'s annotation at
+# run time (`optax.ScalarOrSchedule` marks a preset that takes a schedule).
 from typing import Any
 
 import jax
@@ -28,10 +28,10 @@ def _second_moment(g: jax.Array, nu: jax.Array, b2: Any) -> jax.Array:
 
 
 def scale_by_adam(
-  b1: Any = 0.9,
-  b2: Any = 0.999,
-  eps: Any = 1e-8,
-  eps_root: Any = 0.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  eps_root: jax.typing.ArrayLike = 0.0,
   mu_dtype: Any | None = None,
   *,
   nesterov: bool = False,
@@ -46,17 +46,29 @@ def scale_by_adam(
   The result is the positive direction; the learning rate and sign come after (see
   :func:`adamjax.adam`). Results are bit-identical to `optax.scale_by_adam` on CPU.
 
+  Hyperparameters are what optax accepts: Python numbers, NumPy or JAX scalars of any floating
+  dtype (bfloat16 from `optax.inject_hyperparams` included), tracers, and arrays that broadcast
+  against the leaves.
+
   Args:
-    b1: Decay rate of the first moment (a float or an array, e.g. injected).
-    b2: Decay rate of the second moment.
-    eps: Added to the denominator outside the square root (Algorithm 1's epsilon).
-    eps_root: Added inside the square root; useful when differentiating through Adam.
+    b1: Decay rate of the first moment, in [0, 1).
+    b2: Decay rate of the second moment, in [0, 1).
+    eps: Added to the denominator outside the square root (Algorithm 1's epsilon), >= 0.
+    eps_root: Added inside the square root, >= 0; useful when differentiating through Adam.
     mu_dtype: Optional dtype of the first moment (for example `jnp.bfloat16`); the second
       moment always has the dtype of the parameters.
     nesterov: Use Nesterov momentum (NAdam as optax defines it, Dozat 2016).
 
   Returns:
     An `optax.GradientTransformation` whose state is `ScaleByAdamState(count, mu, nu)`.
+
+  Raises:
+    ValueError: naming the argument and its value, where a concrete value is NaN, infinite,
+      a beta outside [0, 1) (1 divides by a zero bias correction), or a negative epsilon
+      (a zero or negative denominator), where optax would compute NaN or nonsense silently.
+    TypeError: at `update`, for integer gradients: optax casts the second moment of an integer
+      parameter back to integers (every step then divides by `eps`) and truncates the
+      parameters, so adamjax refuses them.
 
   Example:
     >>> import adamjax, jax.numpy as jnp, optax
@@ -114,12 +126,12 @@ def scale_by_adam(
 
 def adam(
   learning_rate: optax.ScalarOrSchedule,
-  b1: Any = 0.9,
-  b2: Any = 0.999,
-  eps: Any = 1e-8,
-  eps_root: Any = 0.0,
-  *,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  eps_root: jax.typing.ArrayLike = 0.0,
   mu_dtype: Any | None = None,
+  *,
   nesterov: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adam with optax semantics: a drop-in replacement for `optax.adam`.
@@ -141,7 +153,8 @@ def adam(
     gives 0/0 = NaN, exactly as in `optax.adam`. Use `eps >= 6e-8` for float16.
 
   Args:
-    learning_rate: A float or an `optax.Schedule` evaluated at the 0-based step count.
+    learning_rate: A float or an `optax.Schedule` evaluated at the 0-based step count. Negative
+      values ascend, as in optax.
     b1: Decay rate of the first moment.
     b2: Decay rate of the second moment.
     eps: Added to the denominator outside the square root.
@@ -169,7 +182,7 @@ def adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization <https://arxiv.org/abs/1412.6980>`_,
     2015; `optax.adam`.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+  _common.check_hyperparameter("learning_rate", learning_rate, allow_schedule=True)
   return optax.chain(
     scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
     optax.scale_by_learning_rate(learning_rate),
@@ -178,10 +191,10 @@ def adam(
 
 def adamw(
   learning_rate: optax.ScalarOrSchedule,
-  b1: Any = 0.9,
-  b2: Any = 0.999,
-  eps: Any = 1e-8,
-  eps_root: Any = 0.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  eps_root: jax.typing.ArrayLike = 0.0,
   mu_dtype: Any | None = None,
   weight_decay: optax.ScalarOrSchedule = 1e-4,
   mask: Any | None = None,
@@ -203,7 +216,8 @@ def adamw(
     eps: Added to the denominator outside the square root.
     eps_root: Added inside the square root.
     mu_dtype: Optional dtype of the first moment.
-    weight_decay: The decay rate :math:`\lambda` (a float or a schedule).
+    weight_decay: The decay rate :math:`\lambda` (a float or a schedule; negative values are
+      accepted, as in optax).
     mask: An optax mask (tree of booleans, or a callable of the params) of the decayed leaves.
     nesterov: Use Nesterov momentum.
 
@@ -219,8 +233,8 @@ def adamw(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019; `optax.adamw`.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0, allow_schedule=True)
+  _common.check_hyperparameter("learning_rate", learning_rate, allow_schedule=True)
+  _common.check_hyperparameter("weight_decay", weight_decay, allow_schedule=True)
   return optax.chain(
     scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
     optax.add_decayed_weights(weight_decay, mask),

@@ -1,7 +1,7 @@
 """Adam as `tf.compat.v1.train.AdamOptimizer`: TensorFlow's `ApplyAdam` kernel, dense."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax's tools read `learning_rate`'s annotation at
+# run time (`optax.ScalarOrSchedule` marks a preset that takes a schedule).
 import functools
 from typing import Any, NamedTuple
 
@@ -90,7 +90,8 @@ def scale_by_tf1_adam(
   References:
     `tensorflow/python/training/adam.py`, `tensorflow/core/kernels/training_ops.cc`.
   """
-  _common.check_hyperparameter("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+  # TensorFlow checks nothing; a negative learning rate ascends, as in TensorFlow.
+  _common.check_hyperparameter("learning_rate", learning_rate, allow_schedule=True)
   _common.check_hyperparameter("beta1", beta1, low=0.0, high=1.0)
   _common.check_hyperparameter("beta2", beta2, low=0.0, high=1.0)
   _common.check_hyperparameter("epsilon", epsilon, low=0.0)

@@ -8,8 +8,8 @@ has neither float64 nor an FMA primitive, so this module builds both exactly fro
 operations (double-float scalars, an emulated FMA) and guards them against XLA's rewrites.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: optax's tools read `learning_rate`'s annotation at
+# run time (`optax.ScalarOrSchedule` marks a preset that takes a schedule).
 import decimal
 import functools
 from collections.abc import Callable
@@ -272,7 +272,7 @@ def _static_beta(name: str, value: Any) -> float:
       f"count, which adamjax tabulates on the host (got a traced value {value!r}). "
       f"optax.inject_hyperparams leaves the `betas` tuple static, so it is not affected."
     )
-  _common.check_hyperparameter(name, value, low=0.0, high=1.0)
+  _common.check_hyperparameter(name, value, low=0.0, high=1.0, scalar=True)
   return float(np.asarray(value, np.float64))
 
 
@@ -322,12 +322,14 @@ def scale_by_torch_adam(
   References:
     `torch/optim/adam.py` (`_single_tensor_adam`); Kingma & Ba 2015; Loshchilov & Hutter 2019.
   """
-  _common.check_hyperparameter("lr", lr, low=0.0, allow_schedule=True)
+  # PyTorch's own refusals ("Invalid learning rate", ...): negative lr, eps, weight_decay, betas
+  # outside [0, 1); and it takes numbers, so arrays must be 0-d.
+  _common.check_hyperparameter("lr", lr, low=0.0, allow_schedule=True, scalar=True)
   if not isinstance(betas, (tuple, list)) or len(betas) != 2:
     raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
   beta1, beta2 = _static_beta("betas[0]", betas[0]), _static_beta("betas[1]", betas[1])
-  _common.check_hyperparameter("eps", eps, low=0.0)
-  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0)
+  _common.check_hyperparameter("eps", eps, low=0.0, scalar=True)
+  _common.check_hyperparameter("weight_decay", weight_decay, low=0.0, scalar=True)
   use_params = isinstance(weight_decay, jax.Array) or float(weight_decay) != 0.0
   # The scalars PyTorch passes as Python doubles, rounded to float32 by its kernels.
   one_minus_beta1 = np.float32(1.0 - beta1)

@@ -19,18 +19,22 @@ PRESETS = {
 
 # (factory, keyword, bad value, words the message must contain)
 BAD_HYPERPARAMETERS = [
-  (adamjax.adam, "learning_rate", -1e-3, ">= 0"),
+  (adamjax.adam, "learning_rate", float("nan"), "finite"),
   (adamjax.adam, "b1", 1.0, "[0.0, 1.0)"),
+  (adamjax.adam, "b1", jnp.asarray(0.999, jnp.bfloat16), "hyperparam_dtype=jnp.float32"),
+  (adamjax.adam, "b2", np.array([0.9, 1.1]), "[0.0, 1.0)"),
   (adamjax.adam, "b2", -0.1, ">= 0"),
   (adamjax.adam, "eps", -1e-8, ">= 0"),
   (adamjax.adam, "eps_root", float("nan"), "finite"),
   (adamjax.adam, "b1", "0.9", "real number"),
-  (adamjax.keras_adam, "learning_rate", -0.001, ">= 0"),
+  (adamjax.adam, "b1", jnp.asarray(0.9 + 0j), "real number"),
+  (adamjax.adamw, "weight_decay", np.inf, "finite"),
+  (adamjax.keras_adam, "learning_rate", float("-inf"), "finite"),
   (adamjax.keras_adam, "beta_1", 1.5, "[0.0, 1.0)"),
   (adamjax.keras_adam, "beta_2", 1.0, "[0.0, 1.0)"),
   (adamjax.keras_adam, "epsilon", -1e-7, ">= 0"),
   (adamjax.keras_adam, "learning_rate", "fast", "real number"),
-  (adamjax.keras_adam, "beta_1", [0.9], "real scalar"),
+  (adamjax.keras_adam, "beta_1", [0.9], "real number"),
   (adamjax.keras_adam, "beta_2", True, "real number"),
   (adamjax.tf1_adam, "learning_rate", float("inf"), "finite"),
   (adamjax.tf1_adam, "beta1", -0.5, ">= 0"),
@@ -39,12 +43,17 @@ BAD_HYPERPARAMETERS = [
   (adamjax.scale_by_adam, "b1", 2.0, "[0.0, 1.0)"),
   (adamjax.scale_by_keras_adam, "epsilon", None, "real"),
   (adamjax.scale_by_tf1_adam, "beta1", object(), "real"),
+  # PyTorch's own refusals ("Invalid learning rate: -0.001", ...), and it takes numbers.
+  (adamjax.torch_adam, "lr", -1e-3, ">= 0"),
+  (adamjax.torch_adam, "eps", -1e-8, ">= 0"),
+  (adamjax.torch_adamw, "weight_decay", -0.01, ">= 0"),
+  (adamjax.torch_adam, "lr", np.full(2, 1e-3), "real scalar"),
 ]
 
 
 @pytest.mark.parametrize("factory,keyword,value,words", BAD_HYPERPARAMETERS)
 def test_invalid_hyperparameter_names_argument_and_value(factory, keyword, value, words):
-  kwargs = {"learning_rate": 1e-3} if factory is adamjax.adam else {}
+  kwargs = {"learning_rate": 1e-3} if factory in (adamjax.adam, adamjax.adamw) else {}
   kwargs[keyword] = value
   with pytest.raises(ValueError) as info:
     factory(**kwargs)

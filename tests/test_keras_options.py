@@ -244,7 +244,7 @@ def test_golden_clip_norm_and_value():
     ({"learning_rate": 1}, "integer 1"),
     ({"use_ema": True, "ema_momentum": 1.5}, "ema_momentum"),
     ({"use_ema": True, "ema_overwrite_frequency": -1}, "ema_overwrite_frequency"),
-    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"weight_decay": float("nan")}, "weight_decay must be finite"),
     ({"loss_scale_factor": 0.0}, "loss_scale_factor must be > 0"),
   ],
 )
