@@ -23,7 +23,12 @@ from adamjax._keras_adam import (
   keras_adamw,
   scale_by_keras_adam,
 )
-from adamjax._keras_clip import keras_clip_by_global_norm, keras_clip_by_norm, keras_clip_by_value
+from adamjax._keras_clip import (
+  KerasClipState,
+  keras_clip_by_global_norm,
+  keras_clip_by_norm,
+  keras_clip_by_value,
+)
 from adamjax._keras_weight_decay import KerasWeightDecayState, keras_weight_decay
 from adamjax._loss_scale import (
   DynamicLossScaleState,
@@ -43,6 +48,7 @@ __all__ = [
   "EmaState",
   "FlatLayout",
   "KerasAccumulationState",
+  "KerasClipState",
   "KerasWeightDecayState",
   "ScaleByAdamState",
   "ScaleByKerasAdamState",

@@ -295,3 +295,21 @@ def test_trains_a_linen_train_state(name):
   for _ in range(300):
     state, last = train_step(state)
   assert float(last) < 1e-2 * float(first)
+
+
+def test_every_state_class_is_exported():
+  # A user who checkpoints, inspects or builds a state by hand needs its class by public name.
+  import importlib
+  import pkgutil
+
+  states = set()
+  for info in pkgutil.iter_modules(adamjax.__path__):
+    if info.name.startswith("_"):
+      module = importlib.import_module(f"adamjax.{info.name}")
+      states |= {
+        name
+        for name, obj in vars(module).items()
+        if isinstance(obj, type) and name.endswith("State") and obj.__module__ == module.__name__
+      }
+  assert "KerasClipState" in states
+  assert states <= set(adamjax.__all__), states - set(adamjax.__all__)
