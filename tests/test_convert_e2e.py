@@ -411,7 +411,7 @@ def test_command_line_round_trip(keras_run, tmp_path):
   converted = tmp_path / "converted"
   assert _cli("to-jax", tmp / "model.keras", converted).returncode == 0
   again = _cli("to-jax", tmp / "model.keras", converted)
-  assert again.returncode == 1 and "exists" in again.stderr  # Nothing overwritten silently.
+  assert again.returncode == 2 and "exists" in again.stderr  # Nothing overwritten silently.
 
   config = mnist.Config(
     data_source="synthetic",
@@ -442,4 +442,5 @@ def test_command_line_round_trip(keras_run, tmp_path):
   bad = tmp_path / "notes.txt"
   bad.write_text("not a checkpoint")
   refused = _cli("info", bad)
-  assert refused.returncode == 1 and refused.stderr.startswith("error:")
+  assert refused.returncode == 2 and refused.stderr.startswith("error:")
+  assert len(refused.stderr.splitlines()) == 1  # One line, no traceback.

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from tf_fixtures_build import build_once, run_tf_backend_script
 
-from adamjax.convert import ConversionError, _keras_h5
+from adamjax import convert
+from adamjax.convert import ConversionError, _keras_h5, _safe_io
 
 FIXTURES = Path(__file__).with_name("fixtures_keras.py")
 
@@ -552,7 +553,7 @@ def test_archive_with_oversize_member_is_refused_before_reading(fixtures, tmp_pa
   data[entry + 24 : entry + 28] = (0xFFFFFFF0).to_bytes(4, "little")
   path.write_bytes(bytes(data))
   assert zipfile.ZipFile(path).getinfo("model.weights.h5").file_size == 0xFFFFFFF0
-  with pytest.raises(ConversionError, match="declare more than max_bytes"):
+  with pytest.raises(ConversionError, match="declare more than max_bytes|a zip bomb"):
     _keras_h5.read_keras_archive(path, max_bytes=1 << 30)
 
 
@@ -620,3 +621,101 @@ def test_sharded_index_pointing_outside_its_folder_is_refused(fixtures, tmp_path
   path.write_text(json.dumps(index))
   with pytest.raises(ConversionError, match="refusing shard name '../../etc/shadow.h5'"):
     _keras_h5.read_keras_weights_json(path)
+
+
+# ------------------------------------------------------------------------------------------
+# Damaged files: one short ConversionError, bounded memory, info checks what to-jax needs
+# ------------------------------------------------------------------------------------------
+
+
+def test_deflated_member_over_the_ratio_is_refused_before_inflating(fixtures, tmp_path):
+  path = tmp_path / "bomb.keras"
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+    archive.writestr("config.json", json.dumps(keras_config(fixtures, "mlp")))
+    archive.writestr("model.weights.h5", b"\0" * (64 << 20))  # 64 MiB in about 64 kB.
+  with pytest.raises(ConversionError, match="a zip bomb"):
+    _keras_h5.read_keras_archive(path)
+
+
+def test_compressed_dataset_is_not_read_before_the_layout_is_checked(
+  fixtures, tmp_path, monkeypatch
+):
+  """A 1 GiB gzip dataset that stores 1/64 of that (inside the 1000x ratio cap) in the place of
+  a slot whose shape the variables fix: refused from declared shapes, nothing large read."""
+  path = Path(shutil.copy(fixtures / "mlp.weights.h5", tmp_path / "w.weights.h5"))
+  with h5py.File(path, "r+") as f:
+    del f["optimizer/vars/2"]
+    ds = f.create_dataset(
+      "optimizer/vars/2", (1 << 12, 1 << 16), "f4", chunks=(1, 1 << 16), compression="gzip"
+    )
+    noise = np.random.default_rng(0).random((1, 1 << 16), "f4")
+    for row in range(0, 1 << 12, 64):
+      ds[row : row + 1] = noise
+  reads = []
+  read = _safe_io.SafeH5.read
+  monkeypatch.setattr(_safe_io.SafeH5, "read", lambda self, p: reads.append(p) or read(self, p))
+  with pytest.raises(ConversionError, match=r"optimizer/vars/2 should be the momentum"):
+    _keras_h5.read_keras_weights_h5(path)
+  with h5py.File(path) as f:  # Only the tiny datasets (scalars, a 10-element bias) were read.
+    assert reads and all(f[p].size <= 16 for p in reads), reads
+
+
+def test_big_endian_datasets_are_read_in_native_order(fixtures, tmp_path):
+  path = Path(shutil.copy(fixtures / "mlp.weights.h5", tmp_path / "w.weights.h5"))
+  with h5py.File(path, "r+") as f:
+    kernel = f["layers/dense/vars/0"][()]
+    del f["layers/dense/vars/0"]
+    f["layers/dense/vars/0"] = kernel.astype(">f4")
+  value = _keras_h5.read_keras_weights_h5(path).layer("dense").weights["kernel"]
+  assert value.dtype == np.dtype("float32") and value.dtype.isnative
+  assert_same_bits(value, kernel)
+
+
+def _archive_with(fixtures, tmp_path, edit) -> Path:
+  config = copy.deepcopy(keras_config(fixtures, "mlp"))
+  edit(config)
+  weights = zipfile.ZipFile(fixtures / "mlp.keras").read("model.weights.h5")
+  return write_archive(tmp_path / "edited.keras", config, weights)
+
+
+def _set_optimizer(key, value):
+  return lambda config: config["compile_config"]["optimizer"]["config"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+  ("key", "value"),
+  [("epsilon", "1e-7"), ("beta_1", float("inf")), ("beta_2", 1.0), ("learning_rate", -0.1)],
+)
+def test_info_refuses_optimizer_settings_to_jax_cannot_use(fixtures, tmp_path, key, value):
+  from adamjax.convert import __main__ as cli
+  from adamjax.convert import _orbax
+
+  path = _archive_with(fixtures, tmp_path, _set_optimizer(key, value))
+  with pytest.raises(ConversionError, match=f"optimizer setting {key}"):
+    _orbax.converted_tree(convert.read(path))
+  assert cli.main(["info", str(path)]) == 2
+
+
+def test_empty_arrays_are_refused_before_orbax(fixtures):
+  from adamjax.convert import _orbax
+
+  ckpt = convert.read(fixtures / "mlp.keras")
+  ckpt.layers[0].weights["bias"] = np.zeros((0,), "f4")
+  with pytest.raises(ConversionError, match="'dense/bias' is empty"):
+    _orbax.converted_tree(ckpt)
+
+
+def test_hostile_strings_are_clipped_and_the_cli_prints_one_line(fixtures, tmp_path, capsys):
+  """An 8 MB layer name (with a newline and a lone surrogate) is not echoed in full."""
+  from adamjax.convert import __main__ as cli
+
+  name = "evil\n\udcff" + "A" * (8 << 20)
+  path = _archive_with(fixtures, tmp_path, _set_on_dense("name", name))
+  with pytest.raises(ConversionError) as info:
+    convert.read(path)
+  message = str(info.value)
+  assert str(path) in message and len(message) <= 1500
+  message.encode("utf-8")  # Printable: the surrogate is escaped.
+  assert cli.main(["info", str(path)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and len(err) < 2100

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 
+import convert_fuzz
 import numpy as np
 import pytest
 from tf_fixtures_build import build_once
@@ -307,47 +308,12 @@ def test_reading_imports_no_tensorflow(fixtures):
 # --------------------------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-    n >>= 7
-    if not n:
-      return bytes(out)
-
-
-def _field(number: int, value: int) -> bytes:
-  """A varint field; appended to a message it overrides the earlier value (last one wins)."""
-  return _varint(number << 3) + _varint(value)
+_varint = convert_fuzz.varint
+_field = convert_fuzz.varint_field  # Appended to a message, it overrides the earlier value.
 
 
 def _write_table(path: pathlib.Path, items, compression: int = 0) -> None:
-  """A minimal LevelDB-style table writer (one data block), to re-emit a patched index."""
-  out = bytearray()
-
-  def block(entries) -> bytes:
-    body, restarts = bytearray(), []
-    for key, value in entries:
-      restarts.append(len(body))
-      body += _varint(0) + _varint(len(key)) + _varint(len(value)) + key + value
-    restarts = restarts or [0]
-    return (
-      bytes(body) + struct.pack(f"<{len(restarts)}I", *restarts) + struct.pack("<I", len(restarts))
-    )
-
-  def emit(contents: bytes) -> bytes:
-    offset = len(out)
-    trailer = bytes([compression])
-    out.extend(
-      contents + trailer + struct.pack("<I", _wire.mask_crc(_wire.crc32c(contents + trailer)))
-    )
-    return _varint(offset) + _varint(len(contents))
-
-  data = emit(block(items))
-  meta = emit(block([]))
-  index = emit(block([(items[-1][0], data)]))
-  out.extend((meta + index).ljust(40, b"\0") + struct.pack("<Q", _wire.TABLE_MAGIC))
-  path.write_bytes(bytes(out))
+  path.write_bytes(convert_fuzz.write_table(items, compression))
 
 
 def _copy(fixtures, tmp_path, name="mlp.ckpt") -> pathlib.Path:
@@ -438,6 +404,21 @@ def test_refuses_bundles_over_the_size_limit(fixtures):
   prefix = fixtures / _manifest(fixtures)["mlp.ckpt"]
   with pytest.raises(ConversionError, match="over the 100000-byte limit"):
     _tensorbundle.BundleReader(prefix, max_bytes=100_000)
+
+
+@pytest.mark.parametrize(
+  ("slices", "match"), [(1_000, "overlap"), (11_000, "over the 4294967296-byte limit")]
+)
+def test_refuses_slices_that_share_bytes(fixtures, tmp_path, slices, match):
+  """Slice entries all pointing at one 401 kB kernel: 1,000 would decode to 401 MB from a
+  1.2 MB bundle (refused as overlapping), 11,000 to 4.4 GB (over the decoded-bytes budget)."""
+  prefix = _copy(fixtures, tmp_path)
+  _patch_index(
+    prefix, lambda items: convert_fuzz.slice_bomb(items, KERNEL.encode(), slices) or items
+  )
+  with pytest.raises(ConversionError, match=match) as info:
+    _tensorbundle.BundleReader(prefix)
+  assert str(prefix) in str(info.value) and len(str(info.value)) < 1000
 
 
 def test_refuses_shard_id_outside_the_bundle(fixtures, tmp_path):

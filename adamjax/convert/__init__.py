@@ -112,12 +112,17 @@ def sniff(path: str | os.PathLike) -> str:
   if head.startswith(_ZIP):
     return "keras"
   if head == _HDF5:
-    import h5py
+    from adamjax.convert._safe_io import H5_ERRORS, _h5py, clip
 
-    with h5py.File(path, "r") as f:
-      if "model_weights" in f or "layer_names" in f.attrs:
-        return "tf-keras-h5"
-      return "weights.h5"
+    h5py = _h5py()
+    try:
+      with h5py.File(path, "r") as f:
+        legacy = "model_weights" in f or "layer_names" in f.attrs
+    except H5_ERRORS as e:
+      raise ConversionError(
+        f"{path}: not a readable HDF5 file ({type(e).__name__}: {clip(str(e), 200)})"
+      ) from None
+    return "tf-keras-h5" if legacy else "weights.h5"
   if head.lstrip().startswith(b"{"):
     return "weights.json"
   raise ConversionError(
@@ -125,29 +130,52 @@ def sniff(path: str | os.PathLike) -> str:
   )
 
 
-def read(path: str | os.PathLike, *, model_config: dict[str, Any] | None = None) -> KerasCheckpoint:
+def read(
+  path: str | os.PathLike,
+  *,
+  model_config: dict[str, Any] | None = None,
+  max_bytes: int | None = None,
+) -> KerasCheckpoint:
   """Reads a Keras/TF checkpoint as data (see :func:`sniff` for the formats).
 
   Args:
     path: A file, a TF checkpoint prefix or directory, a SavedModel or Orbax directory.
     model_config: A Keras model config (``config.json`` contents), for a bare ``.weights.h5``
       whose layers the converter cannot otherwise tell apart (e.g. a frozen layer).
+    max_bytes: Cap on the bytes the file's arrays decode to, checked before anything is
+      allocated (default 4 GiB; raise it for a bigger model). Orbax directories are read by
+      orbax-checkpoint and not capped.
 
   Raises:
     ConversionError: if the file is malformed, unsafe, or holds something unsupported; the
       message names the entry and the reason.
   """
+  source = os.fspath(path)
+  try:
+    ckpt = _read(path, model_config, max_bytes)
+  except ConversionError as e:
+    if source in str(e):
+      raise
+    raise ConversionError(f"{source}: {e}") from None
+  ckpt.source = source
+  return ckpt
+
+
+def _read(
+  path: str | os.PathLike, model_config: dict[str, Any] | None, max_bytes: int | None
+) -> KerasCheckpoint:
   fmt = sniff(path)
+  limits = {} if max_bytes is None else {"max_bytes": max_bytes}
   if fmt in ("keras", "weights.h5", "weights.json", "tf-keras-h5"):
     from adamjax.convert import _keras_h5
 
     if fmt == "keras":
-      return _keras_h5.read_keras_archive(path)
+      return _keras_h5.read_keras_archive(path, **limits)
     if fmt == "weights.h5":
-      return _keras_h5.read_keras_weights_h5(path, model_config=model_config)
+      return _keras_h5.read_keras_weights_h5(path, model_config=model_config, **limits)
     if fmt == "weights.json":
-      return _keras_h5.read_keras_weights_json(path, model_config=model_config)
-    return _keras_h5.read_tf_keras_h5(path)
+      return _keras_h5.read_keras_weights_json(path, model_config=model_config, **limits)
+    return _keras_h5.read_tf_keras_h5(path, **limits)
   if fmt == "adamjax":
     from adamjax.convert import _orbax
 
@@ -163,10 +191,10 @@ def read(path: str | os.PathLike, *, model_config: dict[str, Any] | None = None)
   from adamjax.convert import _tf_checkpoint
 
   if fmt == "savedmodel":
-    return _tf_checkpoint.read_savedmodel(path)
+    return _tf_checkpoint.read_savedmodel(path, **limits)
   if fmt == "orbax-callback":
     return _tf_checkpoint.read_orbax_callback(path)
-  return _tf_checkpoint.read_tf_checkpoint(path)
+  return _tf_checkpoint.read_tf_checkpoint(path, **limits)
 
 
 def write(

@@ -23,6 +23,7 @@ import numpy as np
 
 from adamjax import convert
 from adamjax.convert import _orbax
+from adamjax.convert._safe_io import clip
 
 
 def _describe(ckpt: convert.KerasCheckpoint) -> str:
@@ -32,7 +33,7 @@ def _describe(ckpt: convert.KerasCheckpoint) -> str:
       f"{var}{list(v.shape)}{'' if var in layer.trainable else ' (frozen)'}"
       for var, v in layer.weights.items()
     )
-    lines.append(f"  {layer.name} ({layer.class_name}): {shapes}")
+    lines.append(f"  {clip(layer.name)[1:-1]} ({clip(layer.class_name)[1:-1]}): {shapes}")
   opt = ckpt.optimizer
   if opt is None:
     lines.append("optimizer: none")
@@ -42,10 +43,11 @@ def _describe(ckpt: convert.KerasCheckpoint) -> str:
       f"optimizer: {opt.class_name}, iterations {opt.iterations}, learning rate "
       f"{lr}, {len(opt.momentums)} moment pairs" + (", AMSGrad" if opt.velocity_hats else "")
     )
-    settings = {k: v for k, v in opt.config.items() if k != "name"}
+    config = opt.config if isinstance(opt.config, dict) else {}
+    settings = ", ".join(f"{clip(k)[1:-1]}={clip(v, 60)}" for k, v in config.items() if k != "name")
     if settings:
-      lines.append(f"  config: {settings}")
-  lines += [f"note: {note}" for note in ckpt.notes]
+      lines.append(f"  config: {clip(settings, 1000)[1:-1]}")
+  lines += [f"note: {clip(note, 500)[1:-1]}" for note in ckpt.notes]
   return "\n".join(lines)
 
 
@@ -113,21 +115,45 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   args = parser.parse_args(argv)
   try:
-    if args.command == "info":
-      print(_describe(convert.read(args.path)))
-    elif args.command == "to-jax":
-      ckpt = convert.read(args.path)
-      _orbax.save_converted(ckpt, args.out, source=str(args.path), overwrite=args.overwrite)
-      print(_describe(ckpt))
-      print(f"wrote {args.out}")
-    else:
-      ckpt = to_keras(args.source, args.out, args.template)
-      print(_describe(ckpt))
-      print(f"wrote {args.out}")
+    _run(args)
   except (convert.ConversionError, FileExistsError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    _error(e)
+    return 2
+  except Exception as e:  # noqa: BLE001 - the last boundary: one line, never a traceback
+    _error(e, f"internal error ({type(e).__name__}), please report it: ")
+    return 2
   return 0
+
+
+def _error(e: BaseException, prefix: str = "") -> None:
+  """One line on stderr, however long or odd the message (file data is already clipped)."""
+  text = " ".join(str(e).split())
+  if len(text) > 2000:
+    text = text[:2000] + " ..."
+  text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+  print(f"error: {prefix}{text}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> None:
+  if args.command == "info":
+    ckpt = convert.read(args.path)
+    print(_describe(ckpt))
+    if ckpt.optimizer is None:
+      _orbax.check_values(ckpt)
+      _orbax.flax_variables(ckpt)
+      print("to-jax: not possible, the checkpoint holds no optimizer state")
+    else:
+      _orbax.converted_tree(ckpt)  # Every check to-jax makes: info passing means it works.
+      print("to-jax: ready")
+  elif args.command == "to-jax":
+    ckpt = convert.read(args.path)
+    _orbax.save_converted(ckpt, args.out, source=str(args.path), overwrite=args.overwrite)
+    print(_describe(ckpt))
+    print(f"wrote {args.out}")
+  else:
+    ckpt = to_keras(args.source, args.out, args.template)
+    print(_describe(ckpt))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

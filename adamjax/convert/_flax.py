@@ -9,6 +9,7 @@ matched by flattened position. Every mapped tree is checked against the target's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import optax
 
 import adamjax
 from adamjax.convert._ir import ConversionError, KerasAdamState, KerasCheckpoint, KerasLayer
+from adamjax.convert._safe_io import clip
 
 # Keras variable name -> Flax (NNX and Linen) variable name, per Keras layer class. Dense and Conv
 # kernels have the same layout in both (Dense (in, out), Conv HWIO): no transposes.
@@ -75,14 +77,14 @@ def variable_paths(
     names = FLAX_NAMES.get(layer.class_name)
     if names is None:
       raise ConversionError(
-        f"layer {layer.name!r}: Keras class {layer.class_name} has no "
+        f"layer {clip(layer.name)}: Keras class {layer.class_name} has no "
         f"Flax mapping (supported: {sorted(FLAX_NAMES)})"
       )
     for var in layer.weights:
       if var not in names:
         raise ConversionError(
-          f"layer {layer.name!r} ({layer.class_name}) has a variable "
-          f"{var!r} that Keras's {layer.class_name} does not have"
+          f"layer {clip(layer.name)} ({layer.class_name}) has a variable "
+          f"{clip(var)} that Keras's {layer.class_name} does not have"
         )
       paths[layer.name, var] = _layer_path(layer.name, layer_map) + (names[var],)
   return paths
@@ -208,11 +210,12 @@ def keras_optimizer(ckpt: KerasCheckpoint) -> optax.GradientTransformation:
       unknown option.
   """
   opt = _require_optimizer(ckpt)
+  check_optimizer_config(opt, ckpt.source or f"the {ckpt.format} checkpoint")
   config = dict(opt.config)
   for key, why in _REFUSED_OPTIONS.items():
     if config.get(key) not in (None, False, 0):
       raise ConversionError(
-        f"the checkpoint's {opt.class_name} has {key}={config[key]!r}, "
+        f"the checkpoint's {opt.class_name} has {key}={clip(config[key])}, "
         f"which the converter cannot carry over exactly: {why}"
       )
   unknown = sorted(set(config) - set(_ADAM_ARGS) - set(_REFUSED_OPTIONS) - _IGNORED_KEYS)
@@ -240,6 +243,51 @@ def keras_optimizer(ckpt: KerasCheckpoint) -> optax.GradientTransformation:
       f"the checkpoint's optimizer is {opt.class_name}; only Keras Adam and AdamW are supported"
     )
   return adamjax.keras_adam(learning_rate, **kwargs)
+
+
+# Each numeric Adam setting: (lowest, highest, whether the bounds themselves are allowed). Betas
+# of 1 would divide by zero in the bias correction; Keras does not check, so the file may not.
+_RANGES = {
+  "beta_1": (0.0, 1.0, (True, False)),
+  "beta_2": (0.0, 1.0, (True, False)),
+  "epsilon": (0.0, math.inf, (True, False)),
+  "weight_decay": (0.0, math.inf, (True, False)),
+  "clipnorm": (0.0, math.inf, (False, False)),
+  "clipvalue": (0.0, math.inf, (False, False)),
+  "global_clipnorm": (0.0, math.inf, (False, False)),
+  "learning_rate": (0.0, math.inf, (True, False)),
+}
+
+
+def check_optimizer_config(opt: KerasAdamState, where: str) -> None:
+  """The optimizer's settings are numbers in range (``amsgrad`` a boolean), or absent.
+
+  A schedule (a dict) for ``learning_rate`` is left to :func:`keras_optimizer` to refuse.
+
+  Raises:
+    ConversionError: naming the setting and its value.
+  """
+  config = opt.config
+  if not isinstance(config, dict):
+    raise ConversionError(f"{where}: the optimizer config is not a JSON object")
+  for key, (low, high, (low_ok, high_ok)) in _RANGES.items():
+    value = config.get(key)
+    if value is None or (key == "learning_rate" and isinstance(value, dict)):
+      continue
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+      ok = (low < value or (low_ok and value == low)) and (
+        value < high or (high_ok and value == high)
+      )
+    if not ok:
+      raise ConversionError(
+        f"{where}: optimizer setting {key} = {clip(value)} is not a number in "
+        f"{'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+      )
+  if config.get("amsgrad") not in (None, True, False):
+    raise ConversionError(
+      f"{where}: optimizer setting amsgrad = {clip(config['amsgrad'])} is not a boolean"
+    )
 
 
 def _require_optimizer(ckpt: KerasCheckpoint) -> KerasAdamState:

@@ -52,11 +52,27 @@ STATELESS_LAYERS = frozenset(
 )
 
 
+# Longest message a ConversionError carries; longer ones keep their head and tail. Readers quote
+# file data through ``_safe_io.clip`` (about 100 characters); this bounds the rest.
+MAX_MESSAGE_CHARS = 1500
+
+
 class ConversionError(ValueError):
   """A checkpoint cannot be converted: malformed, unsafe, unsupported, or not matching the target.
 
-  The message names the file, the entry and the reason.
+  The message names the file, the entry and the reason. It is at most
+  :data:`MAX_MESSAGE_CHARS` long and always printable as UTF-8 (a lone surrogate or other
+  undecodable text from a file is escaped), so a hostile file cannot flood a terminal or a log.
   """
+
+  def __init__(self, message: object = "", *args: object):
+    text = str(message)
+    if len(text) > MAX_MESSAGE_CHARS:
+      tail = 300
+      cut = len(text) - MAX_MESSAGE_CHARS + 40
+      text = f"{text[: MAX_MESSAGE_CHARS - tail - 40]} [...{cut} characters cut...] {text[-tail:]}"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    super().__init__(text, *args)
 
 
 @dataclasses.dataclass
@@ -120,6 +136,7 @@ class KerasCheckpoint:
       allow-list, when the source has one; writers reuse it for ``.keras`` output.
     notes: Things the user should know that are not errors (e.g. "weights only: a SavedModel
       holds no optimizer state").
+    source: The path it was read from (set by :func:`adamjax.convert.read`; errors name it).
   """
 
   format: str
@@ -127,6 +144,7 @@ class KerasCheckpoint:
   optimizer: KerasAdamState | None = None
   model_config: dict[str, Any] | None = None
   notes: tuple[str, ...] = ()
+  source: str = ""
 
   def layer(self, name: str) -> KerasLayer:
     for layer in self.layers:

@@ -22,6 +22,7 @@ from adamjax.convert._ir import (
   ConversionError,
   class_layer_names,
 )
+from adamjax.convert._safe_io import clip
 
 _LAYERS = frozenset(LAYER_VARIABLES) | STATELESS_LAYERS
 _MODELS = frozenset({"Sequential", "Functional"})
@@ -292,7 +293,7 @@ def _check(node: Any, source: str, where: str, depth: int) -> None:
         raise _refuse(
           source,
           path,
-          f"activation {value!r}",
+          f"activation {clip(value)}",
           f"not a built-in Keras activation ({sorted(ACTIVATIONS)})",
         )
     elif key == "quantization_config" and value is not None:
@@ -319,7 +320,7 @@ def _check_object(node: dict[str, Any], source: str, where: str) -> None:
       source,
       where,
       label,
-      f"module {module!r} is outside Keras; Keras would import it (custom code)",
+      f"module {clip(module)} is outside Keras; Keras would import it (custom code)",
     )
   registered = node.get("registered_name")
   if registered is not None and not (
@@ -329,7 +330,7 @@ def _check_object(node: dict[str, Any], source: str, where: str) -> None:
       source,
       where,
       label,
-      f"registered_name {registered!r} marks a custom "
+      f"registered_name {clip(registered)} marks a custom "
       "(user-registered) object, whose code is not in Keras",
     )
   allowed = ALLOWED.get(module, frozenset()) if module else _ALLOWED_WITHOUT_MODULE
@@ -355,7 +356,7 @@ def _check_object(node: dict[str, Any], source: str, where: str) -> None:
       raise _refuse(
         source,
         where,
-        f"dtype policy {policy!r}",
+        f"dtype policy {clip(policy)}",
         "only float policies are supported (not quantized ones)",
       )
 
@@ -420,7 +421,7 @@ def parse_model_config(config: Any, source: str, *, check: bool = True) -> Model
   if not isinstance(config, dict) or config.get("class_name") not in _MODELS:
     got = config.get("class_name") if isinstance(config, dict) else type(config).__name__
     raise ConversionError(
-      f"{source}: the model config is a {got!r}, not a Sequential or Functional model"
+      f"{source}: the model config is a {clip(got)}, not a Sequential or Functional model"
     )
   saved: list[LayerSpec] = []
   submodels: set[str] = set()
@@ -462,7 +463,10 @@ def _walk_model(
     model["class_name"] == "Sequential" and entries and entries[0].get("class_name") == "InputLayer"
   ):
     indexed = indexed[1:]
-  names = class_layer_names([str(e.get("class_name")) for _, e in indexed])
+  for i, entry in indexed:
+    if not isinstance(entry.get("class_name"), str):
+      raise ConversionError(f"{source}: {where}.config.layers[{i}] has no class_name")
+  names = class_layer_names([e["class_name"] for _, e in indexed])
   for (i, entry), name in zip(indexed, names, strict=True):
     here = f"{where}.config.layers[{i}]"
     config = entry.get("config")

@@ -18,7 +18,9 @@ tf-keras (Keras 2) ``.h5`` reader in :mod:`_tf_keras_h5`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -39,7 +41,14 @@ from adamjax.convert._ir import (
 )
 from adamjax.convert._keras_config import ModelSpec, OptimizerSpec, owner_path
 from adamjax.convert._keras_h5_write import write_keras_archive, write_keras_weights_h5
-from adamjax.convert._safe_io import DEFAULT_MAX_BYTES, SafeH5, open_h5, read_zip
+from adamjax.convert._safe_io import (
+  DEFAULT_MAX_BYTES,
+  SafeH5,
+  clip,
+  materialize,
+  open_h5,
+  read_zip,
+)
 from adamjax.convert._tf_keras_h5 import read_tf_keras_h5
 
 __all__ = [
@@ -53,6 +62,7 @@ __all__ = [
 
 ARCHIVE_MEMBERS = frozenset({"config.json", "metadata.json", "model.weights.h5"})
 _MAX_JSON_BYTES = 64 << 20
+_MAX_SHARDS = 10_000
 _CLASS_BY_SNAKE_NAME = {snake_case(c): c for c in (*LAYER_VARIABLES, *STATELESS_LAYERS)}
 
 
@@ -83,7 +93,7 @@ def _collect(h5: SafeH5, owners: dict[str, _Owner]) -> None:
     owner = owners[parent[:-4].rstrip("/")]
     if int(leaf) in owner.values:
       raise ConversionError(f"{h5.source}: /{path} is stored twice (in two shards)")
-    owner.values[int(leaf)] = h5.read(path)
+    owner.values[int(leaf)] = h5.lazy(path)
 
 
 def _positional(owner: str, entry: _Owner, source: str) -> list[np.ndarray]:
@@ -106,14 +116,14 @@ def _layers_from_config(
     names = _keras_config.variable_names(ls.class_name, ls.config)
     if len(values) != len(names):
       raise ConversionError(
-        f"{source}: layer {ls.path} ({ls.class_name} {ls.name!r}) has {len(values)} "
+        f"{source}: layer {ls.path} ({ls.class_name} {clip(ls.name)}) has {len(values)} "
         f"variables in the file but {len(names)} by its config {list(names)}: the "
         "config does not describe this file"
       )
     if entry.name is not None and entry.name != ls.name:
       raise ConversionError(
-        f"{source}: /{owner} holds layer {entry.name!r}, but the "
-        f"config has {ls.name!r} there: the config does not describe "
+        f"{source}: /{owner} holds layer {clip(entry.name)}, but the "
+        f"config has {clip(ls.name)} there: the config does not describe "
         "this file"
       )
     if names:
@@ -157,7 +167,7 @@ def _layers_from_names(owners: dict[str, _Owner], source: str) -> list[KerasLaye
     class_name = _CLASS_BY_SNAKE_NAME.get(re.sub(r"_[0-9]+$", "", group))
     if class_name not in LAYER_VARIABLES:
       raise ConversionError(
-        f"{source}: /{owner} holds {len(values)} variables, but {group!r} is not the "
+        f"{source}: /{owner} holds {len(values)} variables, but {clip(group)} is not the "
         f"name of a layer class the converter supports ({sorted(LAYER_VARIABLES)}); "
         "pass model_config (the model's config.json) if it is one"
       )
@@ -332,7 +342,7 @@ def read_keras_archive(
   owners: dict[str, _Owner] = {}
   with open_h5(members.pop("model.weights.h5"), f"{source}:model.weights.h5", max_bytes) as h5:
     _collect(h5, owners)
-  return _checkpoint(owners, spec, "keras", source, config)
+    return materialize(_checkpoint(owners, spec, "keras", source, config))
 
 
 def read_keras_weights_h5(
@@ -377,7 +387,7 @@ def read_keras_weights_h5(
         "weights file; read it with read_tf_keras_h5"
       )
     _collect(h5, owners)
-  return _checkpoint(owners, spec, "weights.h5", source, model_config)
+    return materialize(_checkpoint(owners, spec, "weights.h5", source, model_config))
 
 
 def read_keras_weights_json(
@@ -414,19 +424,27 @@ def read_keras_weights_json(
     raise ConversionError(f"{source}: not a Keras sharded-weights index (no weight_map)")
   shards: list[str] = []
   for group, files in weight_map.items():
+    if not isinstance(files, (str, list)):
+      raise ConversionError(
+        f"{source}: weight_map[{clip(group)}] is {type(files).__name__}, not a shard name "
+        "or a list of them"
+      )
     for name in [files] if isinstance(files, str) else files:
       if (
         not isinstance(name, str)
         or os.path.basename(name) != name
         or name.startswith(".")
         or not name.endswith(".h5")
+        or "\x00" in name
       ):
         raise ConversionError(
-          f"{source}: refusing shard name {name!r} for {group!r}: "
+          f"{source}: refusing shard name {clip(name)} for {clip(group)}: "
           "shards must be .h5 files in the index's folder"
         )
       if name not in shards:
         shards.append(name)
+        if len(shards) > _MAX_SHARDS:
+          raise ConversionError(f"{source}: the index names more than {_MAX_SHARDS} shards")
   spec = (
     None
     if model_config is None
@@ -434,8 +452,9 @@ def read_keras_weights_json(
   )
   owners: dict[str, _Owner] = {}
   budget = max_bytes
-  for name in shards:
-    with open_h5(path.parent / name, f"{source}:{name}", budget) as h5:
-      budget -= sum(int(np.prod(s)) * d.itemsize for s, d in h5.datasets.values())
+  with contextlib.ExitStack() as files:
+    for name in shards:
+      h5 = files.enter_context(open_h5(path.parent / name, f"{source}:{name}", budget))
+      budget -= sum(math.prod(s) * d.itemsize for s, d in h5.datasets.values())
       _collect(h5, owners)
-  return _checkpoint(owners, spec, "weights.json", source, model_config)
+    return materialize(_checkpoint(owners, spec, "weights.json", source, model_config))

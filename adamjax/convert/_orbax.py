@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import jax
 import numpy as np
 import optax
 
-from adamjax.convert import _flax
+from adamjax.convert import _flax, _safe_io
 from adamjax.convert._ir import ConversionError, KerasAdamState, KerasCheckpoint, KerasLayer
 
 METADATA = "adamjax_convert.json"
@@ -96,6 +95,92 @@ def _layers_from_json(rows: list[dict[str, Any]]) -> list[KerasLayer]:
   ]
 
 
+def converted_tree(ckpt: KerasCheckpoint) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Everything ``to-jax`` writes, built and checked in memory: ``(tree, metadata)``.
+
+  ``tree`` is ``{"params", "batch_stats", "opt_state", "step"}``. ``info`` runs this too, so a
+  checkpoint ``info`` accepts is one ``to-jax`` converts.
+
+  Raises:
+    ConversionError: if the checkpoint has no optimizer state or cannot be continued exactly
+      (an unsupported option, a value out of range, an empty or non-numeric array).
+  """
+  check_values(ckpt)
+  variables = flax_variables(ckpt)
+  tx = converted_optimizer(ckpt, variables["params"])
+  opt_state = _flax.adam_state(ckpt, tx, variables["params"])
+  opt = ckpt.optimizer
+  assert opt is not None  # adam_state refused a checkpoint without one.
+  tree = {
+    "params": variables["params"],
+    "batch_stats": variables["batch_stats"],
+    "opt_state": opt_state,
+    "step": np.int32(opt.iterations),
+  }
+  meta = {
+    "format": ckpt.format,
+    "notes": list(ckpt.notes),
+    "layers": _layers_json(ckpt.layers),
+    "optimizer": {
+      "class_name": opt.class_name,
+      "config": opt.config,
+      "learning_rate": None if opt.learning_rate is None else float(opt.learning_rate),
+      "iterations": opt.iterations,
+      "amsgrad": bool(opt.velocity_hats),
+    },
+    "model_config": ckpt.model_config,
+  }
+  try:
+    json.dumps(meta, default=_json_default, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise ConversionError(
+      f"{ckpt.source or ckpt.format}: the checkpoint's metadata cannot be written as JSON "
+      f"({_safe_io.clip(str(e))})"
+    ) from None
+  return tree, meta
+
+
+def check_values(ckpt: KerasCheckpoint) -> None:
+  """Every array non-empty, numeric, native byte order; the optimizer's scalars in range.
+
+  Raises:
+    ConversionError: naming the variable and the problem.
+  """
+  where = ckpt.source or f"the {ckpt.format} checkpoint"
+  arrays = [(f"{layer.name}/{var}", v) for layer in ckpt.layers for var, v in layer.weights.items()]
+  opt = ckpt.optimizer
+  if opt is not None:
+    for what, slots in (
+      ("momentum", opt.momentums),
+      ("velocity", opt.velocities),
+      ("velocity_hat", opt.velocity_hats),
+    ):
+      arrays += [(f"{what} of {layer}/{var}", v) for (layer, var), v in slots.items()]
+  for name, value in arrays:
+    value = np.asarray(value)
+    problem = None
+    if value.size == 0:
+      problem = f"is empty (shape {value.shape}): Orbax cannot save it"
+    elif value.dtype.kind not in "fiub" or not value.dtype.isnative:
+      problem = f"has dtype {value.dtype.str}, which JAX cannot hold"
+    if problem:
+      raise ConversionError(f"{where}: variable {_safe_io.clip(name)} {problem}")
+  if opt is None:
+    return
+  if not isinstance(opt.iterations, int) or not 0 <= opt.iterations < 2**31:
+    raise ConversionError(
+      f"{where}: optimizer iterations {_safe_io.clip(repr(opt.iterations))} is not an "
+      "integer in [0, 2**31)"
+    )
+  if opt.learning_rate is not None and not (
+    np.isfinite(opt.learning_rate) and opt.learning_rate >= 0
+  ):
+    raise ConversionError(
+      f"{where}: learning rate {opt.learning_rate!r} is not a finite non-negative number"
+    )
+  _flax.check_optimizer_config(opt, where)
+
+
 def save_converted(
   ckpt: KerasCheckpoint, directory: str | os.PathLike, *, source: str = "", overwrite: bool = False
 ) -> dict[str, Any]:
@@ -116,40 +201,13 @@ def save_converted(
   directory = Path(directory).absolute()
   if directory.exists() and not overwrite:
     raise FileExistsError(f"{directory} exists; choose another output or pass overwrite")
-  variables = flax_variables(ckpt)
-  tx = converted_optimizer(ckpt, variables["params"])
-  opt_state = _flax.adam_state(ckpt, tx, variables["params"])
-  opt = ckpt.optimizer
-  assert opt is not None  # adam_state refused a checkpoint without one.
-  tree = {
-    "params": variables["params"],
-    "batch_stats": variables["batch_stats"],
-    "opt_state": opt_state,
-    "step": np.int32(opt.iterations),
-  }
-  meta = {
-    "source": str(source),
-    "format": ckpt.format,
-    "notes": list(ckpt.notes),
-    "layers": _layers_json(ckpt.layers),
-    "optimizer": {
-      "class_name": opt.class_name,
-      "config": opt.config,
-      "learning_rate": None if opt.learning_rate is None else float(opt.learning_rate),
-      "iterations": opt.iterations,
-      "amsgrad": bool(opt.velocity_hats),
-    },
-    "model_config": ckpt.model_config,
-  }
-  tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp / STATE, tree)
-  (tmp / METADATA).write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
-  if directory.exists():
-    shutil.rmtree(directory)
-  os.replace(tmp, directory)
+  tree, meta = converted_tree(ckpt)
+  meta = {"source": str(source), **meta}
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  with _safe_io.atomic_output(directory, directory=True) as tmp:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(Path(tmp) / STATE, tree)
+    (Path(tmp) / METADATA).write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
   return meta
 
 

@@ -34,6 +34,7 @@ from adamjax.convert._keras_config import (
   parse_model_config,
   variable_names,
 )
+from adamjax.convert._safe_io import clip
 
 __all__ = ["read_orbax_callback"]
 
@@ -74,8 +75,15 @@ def read_orbax_callback(path: str | os.PathLike) -> KerasCheckpoint:
     tree = ocp.v1.load(step, checkpointable_name="pytree")
     with _quiet_string_only_warning():
       config_tree = ocp.v1.load(step, checkpointable_name="model_config")
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ConversionError(f"{step}: unreadable Orbax checkpoint ({e})") from None
+  except MemoryError:
+    raise
+  except Exception as e:  # noqa: BLE001 - a third-party reader's boundary (see below)
+    # orbax-checkpoint and TensorStore raise whatever their parsers meet on a damaged file
+    # (ValueError, KeyError, TypeError, AttributeError on a metadata file of the wrong JSON
+    # shape, ...): every one of them here means this file cannot be read.
+    raise ConversionError(
+      f"{step}: unreadable Orbax checkpoint ({type(e).__name__}: {clip(str(e), 200)})"
+    ) from None
   if (
     not isinstance(tree, dict)
     or not isinstance(config_tree, dict)
@@ -146,8 +154,8 @@ def _check_handlers(step: str) -> None:
     handler = handlers.get(name) if isinstance(handlers, dict) else None
     if handler is not None and not str(handler).endswith(".PyTreeHandler"):
       raise ConversionError(
-        f"{metadata}: checkpointable {name!r} uses handler "
-        f"{handler!r}, not a PyTree of arrays; refused"
+        f"{metadata}: checkpointable {clip(name)} uses handler "
+        f"{clip(handler)}, not a PyTree of arrays; refused"
       )
 
 
@@ -185,7 +193,7 @@ def _layers(
     expected = variable_names(layer.class_name, layer.config)
     if set(variables) != set(expected):
       raise ConversionError(
-        f"{step}: layer {layer.name!r} ({layer.class_name}) has "
+        f"{step}: layer {clip(layer.name)} ({layer.class_name}) has "
         f"variables {sorted(variables)}, its config says "
         f"{list(expected)}"
       )
@@ -230,7 +238,7 @@ def _optimizer(
   variables = dict(_flatten(variables))
   unused = {key[0]: key for key in variables if len(key) == 1}
   if len(unused) != len(variables):
-    raise ConversionError(f"{step}: optimizer {opt_name!r} has nested variables")
+    raise ConversionError(f"{step}: optimizer {clip(opt_name)} has nested variables")
   slots = {kind: {} for kind in _SLOT_SUFFIXES}
   keys = {}
   for key in (k for layer in layers for k in ((layer.name, v) for v in layer.trainable)):
@@ -239,7 +247,7 @@ def _optimizer(
       name = base + suffix
       if name in keys:
         raise ConversionError(
-          f"{step}: slot name {name!r} is ambiguous between {keys[name]} and {key}"
+          f"{step}: slot name {clip(name)} is ambiguous between {keys[name]} and {key}"
         )
       keys[name] = key
       if unused.pop(name, None) is not None:
@@ -278,7 +286,7 @@ def _optimizer(
         )
   iteration = np.asarray(iteration)
   if iteration.shape != () or iteration.dtype.kind not in "iu" or int(iteration) < 0:
-    raise ConversionError(f"{step}: iteration {iteration!r} is not a non-negative integer")
+    raise ConversionError(f"{step}: iteration {clip(iteration)} is not a non-negative integer")
   if learning_rate is not None:
     learning_rate = np.float32(np.asarray(learning_rate))
   return KerasAdamState(

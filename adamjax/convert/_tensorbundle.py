@@ -31,6 +31,7 @@ import numpy as np
 
 from adamjax.convert import _wire
 from adamjax.convert._ir import ConversionError
+from adamjax.convert._safe_io import DEFAULT_MAX_BYTES, clip
 from adamjax.convert._wire import FIXED32, LENGTH_DELIMITED, VARINT, WireFormatError
 
 __all__ = ["OBJECT_GRAPH_KEY", "BundleEntry", "BundleHeader", "BundleReader", "read_bundle"]
@@ -40,7 +41,7 @@ OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 # Limits on what a file may declare before anything is allocated. Real checkpoints are far
 # below them; callers with larger ones pass their own.
 MAX_SHARDS = 10_000
-MAX_BYTES = 64 * 2**30  # Sum of the tensor sizes of one bundle.
+MAX_BYTES = DEFAULT_MAX_BYTES  # Sum of the tensor sizes of one bundle.
 MAX_INDEX_BYTES = 2**30
 _MAX_RANK = 254  # TensorShape::MaxDimensions() in tensorflow/core/framework/tensor_shape.h.
 
@@ -150,7 +151,7 @@ class BundleReader:
     self._shard_sizes: dict[int, int] = {}
     try:
       size = os.path.getsize(self.index_path)
-    except OSError as e:
+    except (OSError, ValueError) as e:
       raise ConversionError(
         f"{self.index_path}: cannot read the TensorBundle index ({e})"
       ) from None
@@ -186,24 +187,30 @@ class BundleReader:
       else:
         key = self._decode_key(raw_key)
         self._entries[key] = self._parse_entry(key, value)
-    total = sum(e.size for e in (*self._entries.values(), *self._slices.values()))
+    # What reading decodes: each tensor at its declared size (a partitioned one is allocated
+    # whole, from its slice entries), before any of it is read.
+    total = sum(
+      math.prod(e.shape) * _numpy_dtype(e.dtype).itemsize if e.slices else e.size
+      for e in self._entries.values()
+    )
     if total > max_bytes:
       raise ConversionError(
         f"{self.index_path}: tensors add up to {total} bytes, over the {max_bytes}-byte limit"
       )
     for entry in (*self._entries.values(), *self._slices.values()):
       self._check_range(entry)
+    self._check_disjoint()
 
   # -- index ---------------------------------------------------------------------------------
 
   def _fail(self, key: str, problem: str) -> ConversionError:
-    return ConversionError(f"{self.index_path}: entry {key!r}: {problem}")
+    return ConversionError(f"{self.index_path}: entry {clip(key)}: {problem}")
 
   def _decode_key(self, raw_key: bytes) -> str:
     try:
       return raw_key.decode("utf-8")
     except UnicodeDecodeError:
-      raise ConversionError(f"{self.index_path}: key {raw_key!r} is not UTF-8") from None
+      raise ConversionError(f"{self.index_path}: key {clip(raw_key)} is not UTF-8") from None
 
   def _parse_header(self, value: bytes) -> BundleHeader:
     try:
@@ -324,6 +331,23 @@ class BundleReader:
         f"range of {self._data_path(entry.shard_id)} "
         f"({file_size} bytes)",
       )
+
+  def _check_disjoint(self) -> None:
+    """No two entries share bytes: BundleWriter appends each tensor (and each slice) once.
+
+    So the bytes a bundle decodes to are bounded by its data files' sizes; thousands of slice
+    entries pointing at the same bytes (a few MB expanding to GiBs) are refused here.
+    """
+    ranges = sorted(
+      (e.shard_id, e.offset, e.offset + e.size, e.key)
+      for e in (*self._entries.values(), *self._slices.values())
+      if e.size and not e.slices
+    )
+    for (shard, _, end, key), (shard2, start2, _, key2) in zip(ranges, ranges[1:], strict=False):
+      if shard == shard2 and start2 < end:
+        raise self._fail(
+          key2, f"its bytes overlap those of entry {clip(key)} (each tensor is stored once)"
+        )
 
   # -- public API ----------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from adamjax.convert._ir import (
   infer_layer_class,
 )
 from adamjax.convert._orbax_callback import read_orbax_callback
+from adamjax.convert._safe_io import clip
 from adamjax.convert._tf_graph import NEVER_TRAINABLE, Graph, is_model, model_layers
 from adamjax.convert._tf_optimizer import Slots, adam_slots
 
@@ -103,22 +104,27 @@ def _latest_checkpoint(directory: str, state: str) -> str:
     name = ast.literal_eval(f'"{escaped}"')
   except (SyntaxError, ValueError):
     raise ConversionError(f"{state}: malformed model_checkpoint_path") from None
+  if "\x00" in name or not name:
+    raise ConversionError(f"{state}: model_checkpoint_path {clip(name)} is not a file name")
   directory = os.path.abspath(directory)
   prefix = os.path.normpath(os.path.join(directory, name))
   if os.path.dirname(prefix) != directory:
     raise ConversionError(
-      f"{state}: model_checkpoint_path {name!r} points outside "
+      f"{state}: model_checkpoint_path {clip(name)} points outside "
       f"{directory}; pass the prefix explicitly"
     )
   return prefix
 
 
-def read_tf_checkpoint(path: str | os.PathLike, *, verify_crc: bool = True) -> KerasCheckpoint:
+def read_tf_checkpoint(
+  path: str | os.PathLike, *, verify_crc: bool = True, max_bytes: int | None = None
+) -> KerasCheckpoint:
   """Reads a Keras model (and its Adam state) from a ``tf.train.Checkpoint`` TensorBundle.
 
   Args:
     path: The checkpoint prefix, its ``.index``, or its directory (see :func:`resolve_prefix`).
     verify_crc: Check every tensor's CRC32C.
+    max_bytes: Cap on the bytes the tensors decode to (default: the converter's, 4 GiB).
 
   Returns:
     A ``KerasCheckpoint`` with format ``"tf-checkpoint"``: the layers that own variables in
@@ -132,7 +138,7 @@ def read_tf_checkpoint(path: str | os.PathLike, *, verify_crc: bool = True) -> K
       optimizer is not Adam or uses an option the IR cannot carry (loss scaling, EMA, legacy
       ``decay``).
   """
-  graph = Graph.open(resolve_prefix(path), verify_crc=verify_crc)
+  graph = Graph.open(resolve_prefix(path), verify_crc=verify_crc, max_bytes=max_bytes)
   model_id, opt_id = _find_model(graph)
   if model_id is None:
     raise graph.fail(
@@ -143,7 +149,9 @@ def read_tf_checkpoint(path: str | os.PathLike, *, verify_crc: bool = True) -> K
   return _from_model(graph, model_id, opt_id, "tf-checkpoint")
 
 
-def read_savedmodel(path: str | os.PathLike, *, verify_crc: bool = True) -> KerasCheckpoint:
+def read_savedmodel(
+  path: str | os.PathLike, *, verify_crc: bool = True, max_bytes: int | None = None
+) -> KerasCheckpoint:
   """Reads a Keras model's variables from a SavedModel directory, as data.
 
   Only ``variables/variables.{index,data-*}`` is read: ``saved_model.pb`` holds functions
@@ -152,6 +160,7 @@ def read_savedmodel(path: str | os.PathLike, *, verify_crc: bool = True) -> Kera
   Args:
     path: The SavedModel directory.
     verify_crc: Check every tensor's CRC32C.
+    max_bytes: Cap on the bytes the tensors decode to (default: the converter's, 4 GiB).
 
   Returns:
     A ``KerasCheckpoint`` with format ``"savedmodel"``. For ``tf.saved_model.save(model)`` of a
@@ -167,7 +176,7 @@ def read_savedmodel(path: str | os.PathLike, *, verify_crc: bool = True) -> Kera
   prefix = os.path.join(path, "variables", "variables")
   if not os.path.isfile(prefix + ".index"):
     raise ConversionError(f"{path}: not a SavedModel directory (no variables/variables.index)")
-  graph = Graph.open(prefix, verify_crc=verify_crc)
+  graph = Graph.open(prefix, verify_crc=verify_crc, max_bytes=max_bytes)
   model_id, opt_id = _find_model(graph)
   if model_id is not None:
     checkpoint = _from_model(graph, model_id, opt_id, "savedmodel")
@@ -235,9 +244,11 @@ def _from_export(graph: Graph) -> KerasCheckpoint:
     if name == "seed_generator_state":
       continue  # A Dropout's RNG state (keras.random.SeedGenerator), not a weight.
     if not layer_path or name in groups.get(layer_path, {}):
-      raise graph.fail(f"cannot place exported variable {graph.nodes[node].full_name!r} in a layer")
+      raise graph.fail(
+        f"cannot place exported variable {clip(graph.nodes[node].full_name)} in a layer"
+      )
     if groups and layer_path in groups and layer_path != list(groups)[-1]:
-      raise graph.fail(f"the variables of layer {layer_path!r} are not contiguous")
+      raise graph.fail(f"the variables of layer {clip(layer_path)} are not contiguous")
     groups.setdefault(layer_path, {})[name] = node
   depths = {path.count("/") for path in groups}
   roots = {path.split("/")[0] for path in groups}

@@ -23,6 +23,7 @@ import numpy as np
 
 from adamjax.convert import _wire
 from adamjax.convert._ir import ConversionError
+from adamjax.convert._safe_io import clip
 from adamjax.convert._tensorbundle import OBJECT_GRAPH_KEY, BundleReader
 from adamjax.convert._wire import LENGTH_DELIMITED, VARINT, WireFormatError
 
@@ -103,7 +104,7 @@ def parse_object_graph(data: bytes, *, where: str = "object graph") -> list[Obje
         name = _wire.scalar(saver, 1, LENGTH_DELIMITED, b"").decode(errors="replace")
         raise ConversionError(
           f"{where}: node {len(nodes)} is saved by registered_saver "
-          f"{name!r} (custom save code); refused"
+          f"{clip(name)} (custom save code); refused"
         )
       children = []
       for ref in _wire.repeated(fields, 1, LENGTH_DELIMITED):
@@ -157,7 +158,9 @@ def read_object_graph(reader: BundleReader) -> list[ObjectGraphNode]:
     )
   value = reader.read(OBJECT_GRAPH_KEY)
   if value.shape != () or not isinstance(value.item(), bytes):
-    raise ConversionError(f"{reader.index_path}: entry {OBJECT_GRAPH_KEY!r} is not a scalar string")
+    raise ConversionError(
+      f"{reader.index_path}: entry {clip(OBJECT_GRAPH_KEY)} is not a scalar string"
+    )
   return parse_object_graph(value.item(), where=f"{reader.index_path}: {OBJECT_GRAPH_KEY}")
 
 
@@ -177,8 +180,9 @@ class Graph:
   _values: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
 
   @classmethod
-  def open(cls, prefix: str, *, verify_crc: bool = True) -> Graph:
-    reader = BundleReader(prefix, verify_crc=verify_crc)
+  def open(cls, prefix: str, *, verify_crc: bool = True, max_bytes: int | None = None) -> Graph:
+    limits = {} if max_bytes is None else {"max_bytes": max_bytes}
+    reader = BundleReader(prefix, verify_crc=verify_crc, **limits)
     return cls(reader, read_object_graph(reader), reader.index_path)
 
   def fail(self, problem: str) -> ConversionError:
@@ -213,7 +217,7 @@ class Graph:
       try:
         self._values[node_id] = self.reader.read(key)
       except KeyError:
-        raise self.fail(f"the object graph names key {key!r}, which the index lacks") from None
+        raise self.fail(f"the object graph names key {clip(key)}, which the index lacks") from None
     return self._values[node_id]
 
   def scalar(self, node_id: int, kind: str, what: str):

@@ -27,7 +27,7 @@ import numpy as np
 from adamjax.convert import _keras_config
 from adamjax.convert._ir import ConversionError, KerasAdamState, KerasCheckpoint, KerasLayer
 from adamjax.convert._keras_config import LayerSpec, ModelSpec, OptimizerSpec
-from adamjax.convert._safe_io import DEFAULT_MAX_BYTES, SafeH5, open_h5
+from adamjax.convert._safe_io import DEFAULT_MAX_BYTES, SafeH5, clip, materialize, open_h5
 
 # New optimizer: <optimizer>/<slot>/<layer>/<var>:0; legacy: <optimizer>/<layer>/<var>/<slot>:0.
 _NEW_SLOT = re.compile(r"^[^/]+/(m|v|vhat)/(.+):0$")
@@ -41,7 +41,9 @@ def _variable_key(
   """``dense/kernel:0`` (a TF variable name) -> (the layer, ``kernel``)."""
   parts = name.removesuffix(":0").split("/")
   if len(parts) < 2 or parts[-2] not in by_user_name:
-    raise ConversionError(f"{source}: variable {name!r} belongs to no layer of the model config")
+    raise ConversionError(
+      f"{source}: variable {clip(name)} belongs to no layer of the model config"
+    )
   return by_user_name[parts[-2]], parts[-1]
 
 
@@ -53,7 +55,7 @@ def _layers(
   for ls in spec.layers:
     if ls.name in by_user_name:
       raise ConversionError(
-        f"{source}: two layers are named {ls.name!r}; tf-keras "
+        f"{source}: two layers are named {clip(ls.name)}; tf-keras "
         "variable names cannot tell them apart"
       )
     by_user_name[ls.name] = ls
@@ -62,10 +64,10 @@ def _layers(
   for group in h5.attr_strings(root, "layer_names") or []:
     group_path = f"{root}/{group}" if root else group
     if group_path not in h5.groups:
-      raise ConversionError(f"{source}: layer_names lists {group!r}, which has no group")
+      raise ConversionError(f"{source}: layer_names lists {clip(group)}, which has no group")
     for weight in h5.attr_strings(group_path, "weight_names") or []:
       ls, var = _variable_key(weight, by_user_name, source)
-      found.setdefault(ls.path, {})[var] = h5.read(f"{group_path}/{weight}")
+      found.setdefault(ls.path, {})[var] = h5.lazy(f"{group_path}/{weight}")
       tf_names[weight.removesuffix(":0")] = (ls.path, var)
   layers = []
   for ls in spec.layers:
@@ -73,7 +75,7 @@ def _layers(
     weights = found.pop(ls.path, {})
     if set(weights) != set(names):
       raise ConversionError(
-        f"{source}: layer {ls.name!r} ({ls.class_name}) has variables "
+        f"{source}: layer {clip(ls.name)} ({ls.class_name}) has variables "
         f"{sorted(weights)} in the file, {sorted(names)} by its config"
       )
     if names:
@@ -105,23 +107,23 @@ def _optimizer(
   new_style = "iteration:0" in names  # tf-keras's default Adam; else optimizers.legacy.Adam
   slots: dict[str, dict[tuple[str, str], np.ndarray]] = {k: {} for k in _SLOT_NAMES.values()}
   for name in names:
-    value = h5.read(f"optimizer_weights/{name}")
+    value = h5.lazy(f"optimizer_weights/{name}")
     if name == "iteration:0" or re.fullmatch(r"[^/]+/iter:0", name):
       if value.shape != () or value.dtype.kind not in "iu" or iterations is not None:
         raise ConversionError(
-          f"{source}: optimizer weight {name!r} is not a single integer step counter"
+          f"{source}: optimizer weight {clip(name)} is not a single integer step counter"
         )
       iterations = int(value)
       continue
     match = (_NEW_SLOT if new_style else _LEGACY_SLOT).match(name)
     if match is None:
       raise ConversionError(
-        f"{source}: unexpected optimizer weight {name!r} (not an Adam iteration, m, v or vhat)"
+        f"{source}: unexpected optimizer weight {clip(name)} (not an Adam iteration, m, v or vhat)"
       )
     slot, var = (match[1], match[2]) if new_style else (match[2], match[1])
     if var not in tf_names:
       raise ConversionError(
-        f"{source}: optimizer weight {name!r} is the slot of {var!r}, "
+        f"{source}: optimizer weight {clip(name)} is the slot of {clip(var)}, "
         "which is not a variable of the model"
       )
     slots[_SLOT_NAMES[slot]][tf_names[var]] = value
@@ -144,6 +146,10 @@ def _optimizer(
           f"{value.dtype}{value.shape}, the variable {shapes[key]}"
         )
   lr = optimizer.config.get("learning_rate")
+  if not (lr is None or isinstance(lr, dict) or _real_number(lr)):
+    raise ConversionError(
+      f"{source}: training_config's learning_rate {clip(lr)} is not a number or a schedule"
+    )
   return KerasAdamState(
     class_name=optimizer.class_name,
     config=dict(optimizer.config),
@@ -153,6 +159,10 @@ def _optimizer(
     velocities={k: slots["velocity"][k] for k in keys},
     velocity_hats={k: slots["velocity_hat"][k] for k in keys if slots["velocity_hat"]},
   )
+
+
+def _real_number(value: object) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 3e38
 
 
 def read_tf_keras_h5(
@@ -213,10 +223,12 @@ def read_tf_keras_h5(
           "include_optimizer=False or before compiling)"
         )
       ]
-  return KerasCheckpoint(
-    format="tf-keras-h5",
-    layers=layers,
-    optimizer=state,
-    model_config=model_config,
-    notes=tuple(notes),
-  )
+    return materialize(
+      KerasCheckpoint(
+        format="tf-keras-h5",
+        layers=layers,
+        optimizer=state,
+        model_config=model_config,
+        notes=tuple(notes),
+      )
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from adamjax.convert._safe_io import clip
 from adamjax.convert._tf_graph import NEVER_TRAINABLE, Graph
 
 __all__ = ["Slots", "adam_slots"]
@@ -126,7 +127,7 @@ def adam_slots(graph: Graph, opt_id: int, layers: list[dict[str, int]]) -> Slots
   if extra:
     raise graph.fail(
       f"the optimizer has {len(extra)} variables that are not Adam's "
-      f"(e.g. {graph.nodes[extra[0]].full_name!r})"
+      f"(e.g. {clip(graph.nodes[extra[0]].full_name)})"
     )
   return _checked(
     graph,
@@ -153,7 +154,7 @@ def _legacy_slots(graph: Graph, opt_id: int, names: set[str]) -> Slots | None:
   slots: dict[str, dict[int, int]] = {"m": {}, "v": {}, "vhat": {}}
   for original, slot_name, slot in graph.nodes[opt_id].slot_variables:
     if slot_name not in slots:
-      raise graph.fail(f"legacy optimizer slot {slot_name!r} is not Adam's (m, v, vhat)")
+      raise graph.fail(f"legacy optimizer slot {clip(slot_name)} is not Adam's (m, v, vhat)")
     slots[slot_name][original] = slot
   config = {"amsgrad": bool(slots["vhat"])}
   for beta in ("beta_1", "beta_2"):
@@ -196,7 +197,7 @@ def _checked(graph: Graph, slots: Slots) -> Slots:
         raise graph.fail(f"{kind} entry for node {var} is not a variable")
       if graph.value(var).shape != graph.value(slot).shape:
         raise graph.fail(
-          f"{kind} slot {graph.nodes[slot].full_name!r} has shape "
+          f"{kind} slot {clip(graph.nodes[slot].full_name)} has shape "
           f"{graph.value(slot).shape}, its variable "
           f"{graph.value(var).shape}"
         )
