@@ -7,6 +7,12 @@ complete, so a kill leaves either the whole checkpoint or none. :func:`restore_l
 resumes from the newest checkpoint whose files and state match their digests; a damaged one is
 reported, moved to ``damaged_checkpoints/``, and the previous one is used.
 
+Several processes (``--distributed``) share one workdir: every process saves through Orbax, which
+writes each process's shards and has the primary commit the checkpoint; the manifest, metrics,
+plot and summary come from process 0 alone. :func:`check_shared_workdir` makes sure at start-up
+that every process sees the same directory (Orbax would otherwise wait for ever for a directory
+the primary made in a folder another process never sees).
+
 The layout, the digests and the reader are in ``adamjax.convert._train_workdir``, shared with
 ``python -m adamjax.convert to-keras``, which reads a workdir the same way.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Callable
@@ -34,19 +41,56 @@ from adamjax.convert._train_workdir import (
 )
 from train.config import OPTIMIZERS, Config
 from train.files import atomic_write
-from train.runtime import put
+from train.runtime import all_true, put, sync
 
 DAMAGED_DIR = "damaged_checkpoints"
 OUTPUTS = ("metrics.jsonl", "metrics.png", "summary.json")
 
 
+class WorkdirNotShared(RuntimeError):
+  """The processes of a multi-process run do not all see the same ``--workdir``."""
+
+
+def check_shared_workdir(workdir: Path) -> None:
+  """Raises :class:`WorkdirNotShared` on every process unless all of them see one directory.
+
+  Process 0 creates ``workdir`` and writes a file with a random name into it; the name goes to
+  the others through a collective (which also orders the write before their look); each looks
+  for the file; the verdicts are gathered, so every process raises the same error or none.
+  One process: nothing to check.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  lead = jax.process_index() == 0
+  nonce = np.frombuffer(secrets.token_bytes(16), np.int32) if lead else np.zeros(4, np.int32)
+  probe = lambda n: workdir / f".shared-check-{bytes(np.asarray(n)).hex()}"  # noqa: E731
+  if lead:
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write(probe(nonce), lambda p: p.write_text(str(os.getpid())))
+  nonce = multihost_utils.broadcast_one_to_all(nonce, is_source=lead)
+  sees = all_true(probe(nonce).is_file())  # After this collective, every process has looked.
+  if lead:
+    probe(nonce).unlink()
+  if not sees.all():
+    blind = [i for i, ok in enumerate(sees) if not ok]
+    raise WorkdirNotShared(
+      f"--workdir {workdir} (here {workdir.absolute()}, process {jax.process_index()}) is not "
+      f"the directory process 0 writes to, as seen from process(es) {blind}: every process "
+      "must be given the same --workdir on a file system they all share (NFS, GCS FUSE, ...)"
+    )
+
+
 def prepare_workdir(workdir: Path, config: Config) -> None:
   """Continue an earlier run's checkpoints (resume), delete them (overwrite), or refuse."""
+  check_shared_workdir(workdir)
   if config.overwrite and jax.process_index() == 0:
     for name in (CHECKPOINT_DIR, DAMAGED_DIR):
       shutil.rmtree(workdir / name, ignore_errors=True)
     for name in OUTPUTS:
       (workdir / name).unlink(missing_ok=True)
+  sync("prepare_workdir")  # The others look for checkpoints once process 0 has deleted them.
   if not config.resume and checkpoint_steps(workdir):
     raise FileExistsError(
       f"{workdir / CHECKPOINT_DIR} holds checkpoints of an earlier run: pass --resume to "
@@ -112,14 +156,19 @@ def restore_latest_good(workdir: Path, abstract: Any) -> tuple[Any, dict[str, An
     RuntimeError: if there are checkpoints but every one is damaged.
   """
   steps = checkpoint_steps(workdir)
+  sync("restore_latest_good")  # Nobody moves a damaged checkpoint before all have listed them.
   for step in reversed(steps):
     try:
-      return read_checkpoint(workdir, step, target=abstract)
+      restored, reason = read_checkpoint(workdir, step, target=abstract), ""
     # Any failure (a missing, truncated or altered file, bad metadata, a digest mismatch)
     # means this checkpoint is unusable; the previous one may be fine.
     except Exception as e:  # noqa: BLE001
       reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
       reason = reason if len(reason) < 300 else reason[:300] + "..."
+    # With several processes, all of them take or pass over the same checkpoint.
+    if all_true(not reason).all():
+      return restored
+    if reason:
       step_dir, damaged = workdir / CHECKPOINT_DIR / str(step), workdir / DAMAGED_DIR / str(step)
       if jax.process_index() == 0:
         print(
@@ -131,6 +180,7 @@ def restore_latest_good(workdir: Path, abstract: Any) -> tuple[Any, dict[str, An
         damaged.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(damaged, ignore_errors=True)
         shutil.move(str(step_dir), str(damaged))
+    sync(f"damaged {step}")
   if steps:
     raise RuntimeError(
       f"no usable checkpoint in {workdir / CHECKPOINT_DIR}: all of "
@@ -226,8 +276,10 @@ def initial_state(
     )
   if config.init_from:
     host_state, what = init_from_checkpoint(config.init_from, config, state)
-    replicated = jax.tree.leaves(state)[0].sharding  # As the new state is placed.
-    state = jax.tree.map(lambda x: put(x, replicated), host_state)
+    # Each leaf placed as the new state's is (replicated, or split by --shard-optimizer-state).
+    leaves, treedef = jax.tree.flatten(host_state)
+    shardings = [x.sharding for x in jax.tree.leaves(state)]
+    state = treedef.unflatten([put(x, s) for x, s in zip(leaves, shardings, strict=True)])
     run_meta["init_from"] = str(config.init_from)
     log(f"Initialised from the {what}")
   if not config.resume:

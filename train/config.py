@@ -69,6 +69,11 @@ class Config:
     "output; training continues at its step count",
     metavar="PATH",
   )
+  shard_optimizer_state: bool = option(
+    False,
+    "split the Adam moments over the devices (ZeRO-1: adamjax.state_sharding on the mesh's data "
+    "axis), 1/devices of them on each, same results",
+  )
   overwrite: bool = option(False, "delete the checkpoints and metrics of an earlier run")
   progress: str = option(
     "auto",

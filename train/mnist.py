@@ -25,8 +25,10 @@ epoch, step and the metrics so far, with a sha256 of the state), saved at the en
 and every ``--checkpoint-every`` steps. ``--resume`` continues from the newest checkpoint that
 restores and matches its digests, bit for bit as if never stopped.
 
-Multi-host: run the same command on every host with ``--distributed`` (see ``--help``); each
-process loads the data, the mesh spans every process's devices, and process 0 writes the files.
+Multi-host: run the same command on every host with ``--distributed`` (see ``--help``) and the
+same ``--workdir`` on a file system every host shares (checked at start-up). Each process loads
+the data and feeds its devices' rows of each global batch; the mesh spans every process's devices,
+Orbax writes the checkpoints from all of them, and process 0 writes the metrics and summary.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ if not __package__:  # Run as `python train/mnist.py`: import train/ as a packag
 
 import jax
 
-from train.checkpointing import init_from_checkpoint, load_train_state
+from train.checkpointing import WorkdirNotShared, init_from_checkpoint, load_train_state
 from train.config import DATA_SOURCES, OPTIMIZERS, PROGRESS, Config, add_flags, from_args
 from train.input_pipeline import epoch_batches, load_data, scale_pixels, synthetic_mnist
 from train.models import MLP
@@ -125,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
   try:
     return train_and_evaluate(config, args.workdir or default_workdir(config.resume))
-  except FileExistsError as e:  # A workdir holding another run: say so without a traceback.
-    sys.exit(f"error: {e}")
+  # A workdir holding another run, or one the processes do not share: say so plainly.
+  except (FileExistsError, WorkdirNotShared) as e:
+    sys.exit(f"error: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

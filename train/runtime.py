@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from train.config import option
@@ -90,6 +91,11 @@ def start_jax(
     The size of the XLA:CPU thread pool, or None where XLA chose it (one thread per core).
   """
   if distributed:  # Before anything starts a backend. None arguments are auto-detected.
+    if _may_use_cpu() and jax.config.jax_cpu_collectives_implementation in (None, "none"):
+      # XLA:CPU has no cross-process collectives of its own: without gloo (the default since
+      # JAX 0.5; "none" before), a CPU mesh over several processes cannot all-reduce. Only the
+      # CPU client reads this setting; an MPI choice of the user's is kept.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**distributed_args)
   threads = cpu_thread_count(cpu_threads)
   if threads is None or not hasattr(os, "sched_setaffinity"):
@@ -106,6 +112,25 @@ def start_jax(
       except OSError:  # A thread that has exited since the listing.
         pass
   return threads
+
+
+def _may_use_cpu() -> bool:
+  """Whether JAX may pick the CPU backend (``JAX_PLATFORMS`` unset, or naming cpu)."""
+  platforms = jax.config.jax_platforms
+  return not platforms or "cpu" in platforms.split(",")
+
+
+def sync(name: str) -> None:
+  """Every process waits here until all have arrived (nothing to do with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def all_true(flag: bool) -> np.ndarray:
+  """Every process's ``flag``, in process order, on every process (a collective)."""
+  if jax.process_count() == 1:
+    return np.array([flag])
+  return np.asarray(multihost_utils.process_allgather(np.array([flag], np.int32))).reshape(-1) != 0
 
 
 def describe_devices() -> str:

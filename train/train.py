@@ -34,11 +34,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import adamjax
 from train import checkpointing, input_pipeline, reporting
 from train.config import OPTIMIZERS, Config
 from train.input_pipeline import epoch_batches
 from train.models import MLP
-from train.runtime import describe_devices, host, make_mesh, put
+from train.runtime import describe_devices, host, make_mesh, put, sync
 
 
 class TrainState(NamedTuple):
@@ -100,13 +101,19 @@ def train_step(graphdef, tx, state: TrainState, images, labels, mask, dropout_ke
 
 
 def make_train_steps(
-  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int, mesh: Mesh
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  seed: int,
+  mesh: Mesh,
+  state_shardings: Any = None,
 ) -> Callable[..., TrainState]:
   """Returns ``train_steps(state, images, labels, index, mask, start, stop) -> state``.
 
   It applies steps ``start..stop-1`` of the epoch whose batches are ``index``/``mask``
   ([steps, batch], from :func:`~train.input_pipeline.epoch_batches`), reading examples from
   the device-resident ``images`` (float32 pixels) and ``labels``. Jitted, ``state`` donated.
+  ``state_shardings`` (a ``TrainState`` of shardings, :func:`state_shardings`) keeps the state
+  laid out so through every step; None leaves the layout to XLA (all replicated here).
   """
   dropout_root = jax.random.key(seed)
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -118,11 +125,14 @@ def make_train_steps(
       rows = jax.lax.with_sharding_constraint(index[i], batch_sharding)
       x = jax.lax.with_sharding_constraint(images[rows], batch_sharding)
       key = jax.random.fold_in(dropout_root, state.step)
-      return train_step(graphdef, tx, state, x, labels[rows], mask[i], key)[0]
+      state = train_step(graphdef, tx, state, x, labels[rows], mask[i], key)[0]
+      if state_shardings is not None:
+        state = jax.lax.with_sharding_constraint(state, state_shardings)
+      return state
 
     return jax.lax.fori_loop(start, stop, body, state)
 
-  return jax.jit(train_steps, donate_argnums=0)
+  return jax.jit(train_steps, donate_argnums=0, out_shardings=state_shardings)
 
 
 def make_evaluate(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, jax.Array]]:
@@ -148,17 +158,38 @@ def _check_pixels(images: jax.Array) -> None:
     )
 
 
+def state_shardings(state: TrainState, mesh: Mesh, shard_optimizer_state: bool) -> TrainState:
+  """Where each leaf of ``state`` lives: all replicated, or with ``shard_optimizer_state`` the
+  optimizer state split over the ``data`` axis (:func:`adamjax.state_sharding`: each moment
+  along its largest dimension the device count divides; scalars and the rest replicated).
+
+  Adam is elementwise, so each device updates its slice of the moments and XLA gathers the
+  parameter updates: every element goes through the same float32 operations as replicated.
+  """
+  replicated = NamedSharding(mesh, P())
+  shardings = jax.tree.map(lambda _: replicated, state)
+  if shard_optimizer_state:
+    shardings = shardings._replace(opt_state=adamjax.state_sharding(state.opt_state, mesh))
+  return shardings
+
+
 def create_train_state(
   config: Config, mesh: Mesh
 ) -> tuple[nnx.GraphDef, optax.GradientTransformation, TrainState]:
-  """The model's graphdef, the optimizer, and the initial state, replicated over ``mesh``."""
+  """The model's graphdef, the optimizer, and the initial state placed over ``mesh``
+  (replicated; the optimizer state split with ``config.shard_optimizer_state``)."""
   model = MLP(config.hidden, config.dropout_rate, rngs=nnx.Rngs(params=config.seed))
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
   tx = OPTIMIZERS[config.optimizer](config.learning_rate)
   state = TrainState(np.int32(0), params, tx.init(params), np.float32(0), np.int32(0), np.int32(0))
-  replicated = NamedSharding(mesh, P())
-  return graphdef, tx, jax.tree.map(lambda x: put(x, replicated), state)
+  shardings = state_shardings(state, mesh, config.shard_optimizer_state)
+  return graphdef, tx, jax.tree.map(put, state, shardings)
+
+
+def bytes_per_device(tree: Any) -> int:
+  """Bytes of ``tree``'s arrays held by one device (the first shard of each)."""
+  return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
 def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -189,6 +220,12 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
 
   run_meta = checkpointing.run_meta(config, steps_per_epoch, data.source)
   graphdef, tx, state = create_train_state(config, mesh)
+  if config.shard_optimizer_state:
+    log(
+      f"Optimizer state split over {mesh.size} device(s): params + state "
+      f"{bytes_per_device((state.params, state.opt_state))} bytes per device "
+      f"(replicated: {sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))})"
+    )
   state, resumed = checkpointing.initial_state(config, workdir, state, run_meta, log)
   writer.resume(resumed["history"] if resumed else [])
   epoch_elapsed = resumed["epoch_elapsed"] if resumed else 0.0  # This epoch's, before a resume.
@@ -198,7 +235,11 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
 
   # Compile before the first epoch, so that its time is the training time: a zero-step call
   # (start == stop) compiles the loop and returns the state unchanged.
-  train_steps, evaluate = make_train_steps(graphdef, tx, config.seed, mesh), make_evaluate(graphdef)
+  shardings = state_shardings(state, mesh, config.shard_optimizer_state)
+  train_steps = make_train_steps(
+    graphdef, tx, config.seed, mesh, shardings if config.shard_optimizer_state else None
+  )
+  evaluate = make_evaluate(graphdef)
   step = int(host(state.step))
   data_epoch, pos = divmod(step, steps_per_epoch)
   batches = _epoch_data(on_device, config, data_epoch, mesh)
@@ -249,6 +290,7 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike) -> dict[str, 
     f"(loss {metrics['test_loss']:.4f}) after {metrics['step']} steps"
   )
   writer.write_summary(metrics)
+  sync("train_and_evaluate")  # Every process returns once process 0 has written the summary.
   return dict(metrics, state=state)
 
 

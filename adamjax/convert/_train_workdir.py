@@ -69,7 +69,17 @@ def check_files(step_dir: Path) -> None:
 
 
 def _host(x: Any) -> np.ndarray:
-  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+  """The whole value of ``x`` on the host; an array split over several processes is gathered
+  (a collective: every process must call this, as every process saves and restores)."""
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def state_digest(state: Any) -> str:
