@@ -104,7 +104,8 @@ def _ours(name, jit=True, fused=False):
     config["learning_rate"] = _schedule()
   if "_exclude_params" in config:
     config["exclude_from_weight_decay"] = [f"^{n}$" for n in config.pop("_exclude_params")]
-  fields = ("mu", "nu") + (("ema",) if config.get("use_ema") else ())
+  fields = ("mu", "nu") + (("nu_max",) if config.get("amsgrad") else ())
+  fields += ("ema",) if config.get("use_ema") else ()
   tx = adamjax.keras_adam(**config, fused_multiply_add=fused)
   return run_optax(tx, *_inputs(), jit=jit, fields=fields)
 
@@ -123,7 +124,12 @@ def _keras(name, backend, jit=False):
 
 
 def _pairs(ours, reference):
-  return {"m": (ours["mu"], reference.m), "v": (ours["nu"], reference.v)}
+  pairs = {"m": (ours["mu"], reference.m), "v": (ours["nu"], reference.v)}
+  # AMSGrad's running maximum (Keras's `velocity_hat`), compared like the moments.
+  assert ("nu_max" in ours) == (reference.v_hat is not None)
+  if reference.v_hat is not None:
+    pairs["v_hat"] = (ours["nu_max"], reference.v_hat)
+  return pairs
 
 
 def _assert_params_close(ours, reference, record=None):
