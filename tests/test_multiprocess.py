@@ -157,6 +157,7 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, single_pro
   assert "2 device(s)" in logs[0] and "2 process(es)" in logs[0]
   # Process 0 alone reports; process 1 says nothing of the training.
   assert "Final test accuracy" in logs[0] and "Final test accuracy" not in logs[1]
+  assert "XLA:CPU threads" in logs[0] and "XLA:CPU threads" not in logs[1]
 
   state, meta = checkpointing.load_train_state(workdir)
   ref_state, ref_meta = checkpointing.load_train_state(single_process)

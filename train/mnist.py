@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     num_processes=args.num_processes,
     process_id=args.process_id,
   )
-  if jax.default_backend() == "cpu" and config.progress != "none":
+  if jax.default_backend() == "cpu" and config.progress != "none" and jax.process_index() == 0:
     print(
       f"XLA:CPU threads: {threads or 'one per core'} (--cpu-threads {args.cpu_threads}; "
       f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",

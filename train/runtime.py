@@ -5,8 +5,11 @@ model take microseconds, and splitting them over threads that share cores with o
 costs more than it gains (:func:`cpu_thread_count`). The thread count does not change results.
 
 With several devices (``jax.devices()``), training is data-parallel: one mesh axis ``data`` over
-all devices, the batch split along it, parameters and optimizer state replicated. Multi-host:
-:func:`start_jax` with ``distributed=True`` on every host; the mesh spans every process's devices.
+all devices, the batch split along it, parameters and optimizer state replicated (or the
+optimizer state split along it, ``--shard-optimizer-state``). Multi-host: :func:`start_jax` with
+``distributed=True`` on every host (gloo collectives on CPU); the mesh spans every process's
+devices, and :func:`sync` and :func:`all_true` keep the processes in step where only process 0
+acts or where all must agree.
 """
 
 from __future__ import annotations
