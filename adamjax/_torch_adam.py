@@ -4,15 +4,13 @@ Three facts about PyTorch 2.13's CPU step decide the numerics (measured; the par
 them): its `lerp_`, `addcmul_` and `add(alpha=)` kernels are fused multiply-adds on AVX2 and
 AVX-512 machines; the bias corrections are float64 powers of the exact double betas; and its
 float32 `sqrt` comes from MKL on x86 Linux wheels and is not correctly rounded. JAX without x64
-has neither float64 nor an FMA primitive, so this module builds both exactly from float32
-operations (double-float scalars, an emulated FMA) and guards them against XLA's rewrites.
+has neither float64 nor an FMA primitive; `_double_float` builds both exactly from float32
+operations (double-float scalars, an emulated FMA), and this module uses them where PyTorch does.
 """
 
 # No `from __future__ import annotations`: optax's tools read `learning_rate`'s annotation at
 # run time (`optax.ScalarOrSchedule` marks a preset that takes a schedule).
-import decimal
 import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -20,14 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamjax import _common, _xla_exact
+from adamjax import _common, _double_float, _xla_exact
 
 # PyTorch keeps `state["step"]` as a float32 tensor: 2**24 + 1 rounds back to 2**24, so the step
 # that enters the bias corrections stops there.
 _MAX_TORCH_STEP = 2**24
-
-Rounder = Callable[[jax.Array], jax.Array]  # `_xla_exact.make_no_fma(count)`
-DoubleFloat = tuple[jax.Array, jax.Array]  # (hi, lo) float32 pair: hi + lo to ~48 bits
 
 
 class ScaleByTorchAdamState(NamedTuple):
@@ -46,132 +41,14 @@ class ScaleByTorchAdamState(NamedTuple):
   nu_max: optax.Updates | None
 
 
-# ---------------------------------------------------------------------------------------------
-# Exact float32 building blocks. JAX without x64 has no float64 and no FMA primitive; these give
-# PyTorch's double-precision scalars and its fused multiply-adds from float32 operations only.
-# `r` is `_xla_exact.make_no_fma(count)`: every product that is added goes through it, so
-# XLA's contraction cannot change it, and so does every sum whose rounding error is recovered,
-# since XLA's simplifier rewrites `(x + 1) - 1` to `x`.
-# ---------------------------------------------------------------------------------------------
-
-
-def _two_sum(r: Rounder, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`a + b == s + e` exactly (Knuth's TwoSum)."""
-  s = r(a + b)
-  bb = r(s - a)
-  return s, (a - (s - bb)) + (b - bb)
-
-
-def _fast_two_sum(r: Rounder, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`a + b == s + e` exactly, for `|a| >= |b|` (Dekker's FastTwoSum)."""
-  s = r(a + b)
-  return s, b - (s - a)
-
-
-def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`a == hi + lo` exactly, each with at most 12 significant bits (masking, not Veltkamp)."""
-  bits = jax.lax.bitcast_convert_type(a, jnp.uint32) & np.uint32(0xFFFFF000)
-  hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
-  return hi, a - hi
-
-
-def _two_prod(r: Rounder, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`a * b == p + e` exactly (Dekker) in the normal range; the partial products are exact."""
-  p = r(a * b)
-  ah, al = _split(a)
-  bh, bl = _split(b)
-  return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
-
-
-def _fma(r: Rounder, a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
-  """`a * b + c` rounded once, as the FMA instruction in PyTorch's CPU kernels rounds it.
-
-  Boldo & Melquiond's emulation: with `a*b = uh + ul` and `c + uh = th + tl` exactly,
-  `RN(th + RO(tl + ul))` is the correctly rounded result, where RO rounds to odd (emulated here
-  from an exact sum: an inexact, even result moves one step toward the lost bits). Exact for
-  operands and results in the normal float32 range; non-finite cases fall back to `a*b + c`.
-  """
-  uh, ul = _two_prod(r, a, b)
-  th, tl = _two_sum(r, c, uh)
-  v, err = _two_sum(r, tl, ul)
-  bits = jax.lax.bitcast_convert_type(v, jnp.int32)
-  toward = jnp.where((bits ^ jax.lax.bitcast_convert_type(err, jnp.int32)) >= 0, 1, -1)
-  keep = (err == 0) | ((bits & 1) == 1)
-  odd = jax.lax.bitcast_convert_type(jnp.where(keep, bits, bits + toward), jnp.float32)
-  z = th + odd
-  return jnp.where(jnp.isfinite(z), z, r(a * b) + c)
-
-
-def _df(x: Any) -> tuple[jax.Array, jax.Array]:
-  """A hyperparameter as a double-float `(hi, lo)`: a Python double exactly to 48 bits, or a
-  traced float32 value as itself (PyTorch then computes with that float32 value as its lr)."""
-  if isinstance(x, (int, float, np.floating, np.integer)):
-    hi = np.float32(x)
-    return jnp.asarray(hi), jnp.asarray(np.float32(float(x) - float(hi)))
-  x = jnp.asarray(x, jnp.float32)
-  return x, jnp.zeros([], jnp.float32)
-
-
-def _df_mul(r: Rounder, a: DoubleFloat, b: DoubleFloat) -> DoubleFloat:
-  p, e = _two_prod(r, a[0], b[0])
-  return _fast_two_sum(r, p, e + (r(a[0] * b[1]) + r(a[1] * b[0])))
-
-
-def _df_div_to_f32(r: Rounder, a: DoubleFloat, b: DoubleFloat) -> jax.Array:
-  """`a / b` rounded to float32 (one Newton correction of the float32 quotient)."""
-  q = a[0] / b[0]
-  p, e = _two_prod(r, q, b[0])
-  return q + ((((a[0] - p) - e) + a[1]) - r(q * b[1])) / b[0]
-
-
-def _df_sqrt_to_f32(r: Rounder, a: DoubleFloat) -> jax.Array:
-  """`sqrt(a)` rounded to float32 (one Newton correction of the float32 root)."""
-  s = jnp.sqrt(a[0])
-  p, e = _two_prod(r, s, s)
-  return s + (((a[0] - p) - e) + a[1]) / (s + s)
-
-
-@functools.cache
-def _power_tables(beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """`beta**(d * 256**k)` as float32 `(hi, lo)` rows for digits d, computed in 60 digits.
-
-  `beta` is the exact double PyTorch raises to the step (no float32 rounding of the beta).
-  Level 2 has 257 rows so that step 2**24 (256 * 65536) is covered.
-  """
-  ctx = decimal.Context(prec=60, Emin=-(10**9))
-  tables = []
-  for k, rows in enumerate((256, 256, 257)):
-    base = ctx.power(decimal.Decimal(beta), 256**k)
-    x, out = decimal.Decimal(1), np.zeros((rows, 2), np.float32)
-    for d in range(rows):
-      hi = np.float32(float(x))
-      out[d] = hi, np.float32(float(ctx.subtract(x, decimal.Decimal(float(hi)))))
-      x = ctx.multiply(x, base)
-    tables.append(out)
-  return tuple(tables)
-
-
-def _bias_correction(r: Rounder, beta: float, step: jax.Array) -> DoubleFloat:
-  """`1 - beta**step` as a double-float, matching PyTorch's float64 `1 - beta1**step`.
-
-  Three table look-ups (base-256 digits of the step) and two double-float products: about 45
-  correct bits, so rounding the derived scalars to float32 gives the bits float64 gives.
-  """
-  t0, t1, t2 = _power_tables(beta)
-  row = lambda table, d: (jnp.asarray(table)[d, 0], jnp.asarray(table)[d, 1])  # noqa: E731
-  power = _df_mul(
-    r, _df_mul(r, row(t0, step & 255), row(t1, (step >> 8) & 255)), row(t2, step >> 16)
-  )
-  s, e = _two_sum(r, jnp.ones([], jnp.float32), -power[0])
-  return _fast_two_sum(r, s, e - power[1])
-
-
-def _decay_factor(r: Rounder, lr: Any, weight_decay: Any) -> jax.Array:
+def _decay_factor(r: _xla_exact.Guard, lr: Any, weight_decay: Any) -> jax.Array:
   """float32 of PyTorch's Python-double `1 - lr * weight_decay`."""
   if all(isinstance(x, (int, float, np.floating, np.integer)) for x in (lr, weight_decay)):
     return jnp.asarray(np.float32(1.0 - float(lr) * float(weight_decay)))
-  p, e = _df_mul(r, _df(lr), _df(weight_decay))
-  s, t = _two_sum(r, jnp.ones([], jnp.float32), -p)
+  p, e = _double_float.mul(
+    r, _double_float.from_number(lr), _double_float.from_number(weight_decay)
+  )
+  s, t = _double_float.two_sum(r, jnp.ones([], jnp.float32), -p)
   return s + (t - e)
 
 
@@ -197,7 +74,7 @@ def _torch_step(
   eps: Any,
   maximize: bool,
   fused: bool,
-  r: Rounder,
+  r: _xla_exact.Guard,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """Returns `(p - p_new, m, v, v_max)` for one parameter, PyTorch's kernels op for op.
 
@@ -211,7 +88,7 @@ def _torch_step(
   # lerp is `vec::fmadd(w, end - self, self)`, add(alpha) is `fmadd(other, alpha, self)`, and
   # addcmul is `self + (value*t1)*t2`, which GCC contracts. ATEN_CPU_CAPABILITY=default rounds.
   if fused:
-    madd = functools.partial(_fma, r)
+    madd = functools.partial(_double_float.fma, r)
   else:
     madd = lambda a, b, c: r(a * b) + c  # noqa: E731
   g = g.astype(f32)
@@ -356,8 +233,10 @@ def scale_by_torch_adam(
     step = jnp.minimum(count_inc, _MAX_TORCH_STEP)
     # step_size = lr / (1 - beta1**step); bias_correction2**0.5: float64 in PyTorch.
     r = _xla_exact.make_no_fma(state.count)
-    step_size = _df_div_to_f32(r, _df(current_lr), _bias_correction(r, beta1, step))
-    bc2_sqrt = _df_sqrt_to_f32(r, _bias_correction(r, beta2, step))
+    step_size = _double_float.div_to_f32(
+      r, _double_float.from_number(current_lr), _double_float.one_minus_power(r, beta1, step)
+    )
+    bc2_sqrt = _double_float.sqrt_to_f32(r, _double_float.one_minus_power(r, beta2, step))
     decay = (
       _decay_factor(r, current_lr, weight_decay)
       if (use_params and decoupled_weight_decay)

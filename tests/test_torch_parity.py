@@ -40,7 +40,7 @@ from adamjax_runner import run_optax
 from reference_runners import make_gradient_sequence, make_params, ulp_distance
 
 import adamjax
-from adamjax import _torch_adam, _xla_exact
+from adamjax import _double_float, _torch_adam, _xla_exact
 from adamjax._torch_adam import ScaleByTorchAdamState, scale_by_torch_adam, torch_adam, torch_adamw
 
 torch = pytest.importorskip("torch")
@@ -213,8 +213,10 @@ def test_bias_corrections_equal_float64_rounded_for_every_step_to_100000(betas, 
   def scalars(t):
     r = _xla_exact.make_no_fma(t - 1)
     return (
-      _torch_adam._df_div_to_f32(r, _torch_adam._df(lr), _torch_adam._bias_correction(r, b1, t)),
-      _torch_adam._df_sqrt_to_f32(r, _torch_adam._bias_correction(r, b2, t)),
+      _double_float.div_to_f32(
+        r, _double_float.from_number(lr), _double_float.one_minus_power(r, b1, t)
+      ),
+      _double_float.sqrt_to_f32(r, _double_float.one_minus_power(r, b2, t)),
     )
 
   ours = jax.jit(jax.vmap(scalars))(jnp.asarray(steps, jnp.int32))
@@ -266,7 +268,7 @@ def test_fma_emulation_rounds_once(jit):
   exact = (exact_sum - c == product) & (exact_sum - product == c)  # float64 sum exact
 
   def fma(a, b, c, count):
-    return _torch_adam._fma(_xla_exact.make_no_fma(count), a, b, c)
+    return _double_float.fma(_xla_exact.make_no_fma(count), a, b, c)
 
   fma = jax.jit(fma) if jit else fma
   got = np.asarray(fma(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c), jnp.int32(0)))
