@@ -15,7 +15,7 @@ handful of leaves whatever the tree. Every adamjax preset acts element by elemen
 buffers it computes, element for element, the operations it computes per leaf: the results are
 bit-identical (tested for every preset). In the same benchmark the flat step took 1.13x its
 one-leaf time at 1,000 mixed leaves (0.27x optax's time there) and compiled in 0.1-0.5 s.
-:meth:`FlatLayout.optimizer` builds a preset for flat buffers and refuses what is not
+:meth:`FlatLayout.optimizer` runs a built transformation on the buffers and refuses what is not
 elementwise (Keras's per-tensor `clipnorm`, the cross-tensor `global_clipnorm`, any reduction)
 rather than silently computing it over a whole buffer.
 """
@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -123,7 +122,7 @@ class FlatLayout:
     >>> flat = layout.ravel(params)
     >>> {k: v.shape for k, v in flat.items()}  # 1 and 9 elements, padded with zeros
     {'bfloat16': (128,), 'float32': (128,)}
-    >>> tx = layout.optimizer(adamjax.adam, 1e-3)
+    >>> tx = layout.optimizer(adamjax.adam(1e-3))
     >>> state = tx.init(flat)
     >>> def loss(flat):
     ...   p = layout.unravel(flat)           # the model reads leaves; grads come back flat
@@ -330,12 +329,22 @@ class FlatLayout:
 
   # ---- masks ----
 
-  def buffer_mask(self, mask: Any) -> dict[str, bool]:
+  def buffer_mask(
+    self, mask: Any = None, *, exclude_from_weight_decay: Sequence[str] | None = None
+  ) -> dict[str, bool]:
     """Turns a per-leaf boolean mask into one boolean per buffer (an optax mask for `flat`).
+
+    A transformation given to :meth:`optimizer` sees the buffers, not the leaves, so a
+    weight-decay mask must be given to it per buffer: `adamjax.adamw(..., mask=
+    layout.buffer_mask(mask))`, `adamjax.keras_adamw(..., weight_decay_mask=
+    layout.buffer_mask(exclude_from_weight_decay=["bias"]))`.
 
     Args:
       mask: A tree of booleans like the params or a prefix of them (as optax masks), or a
-        callable of the params returning one (it receives :meth:`leaf_structs`).
+        callable of the params returning one (it receives :meth:`leaf_structs`); None: every
+        leaf.
+      exclude_from_weight_decay: Keras's rule (`adamjax.keras_adam`'s option of that name):
+        regular expressions searched in each leaf's '/'-joined tree path; a match is False.
 
     Returns:
       `{key: bool}`.
@@ -345,9 +354,8 @@ class FlatLayout:
         `group=mask` so that they live in separate buffers.
     """
     structs = self.leaf_structs()
-    if callable(mask):
-      mask = mask(structs)
     try:
+      mask = _keras_weight_decay.decay_mask(structs, exclude_from_weight_decay, mask)
       values = self._treedef.flatten_up_to(jax.tree.broadcast(mask, structs))
     except (ValueError, TypeError) as e:
       raise ValueError(f"the mask does not match the parameter tree: {e}") from e
@@ -368,41 +376,36 @@ class FlatLayout:
 
   # ---- the optimizer ----
 
-  def optimizer(
-    self, factory: Callable[..., optax.GradientTransformation], *args: Any, **kwargs: Any
-  ) -> optax.GradientTransformationExtraArgs:
-    """Builds `factory(*args, **kwargs)` to update this layout's flat buffers, bit-exactly.
+  def optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Runs the built transformation `tx` on this layout's flat buffers, or refuses it.
 
-    Every adamjax preset and option is elementwise except the ones below, so on the flat
-    buffers it returns, element for element, what it returns per leaf, and its state holds
-    its moments as flat buffers too (Adam: two per buffer, plus scalars). Per-leaf options are
-    translated or refused here, by name:
+    Every adamjax preset, option and `scale_by_*` step is elementwise except the clips below,
+    so on the flat buffers it returns, element for element, what it returns per leaf, and its
+    state holds its moments as flat buffers too (Adam: two per buffer, plus scalars). The first
+    `update` of each input shape traces `tx`'s update and refuses any operation that mixes
+    elements of a buffer (a reduction, a slice, a reshape): Keras's `clipnorm` (a norm per
+    tensor) and `global_clipnorm` (a sum over tensors in tree order), optax's norm clips. Clip
+    the per-leaf gradients before they reach the buffers, or keep the per-leaf tree.
 
-    - weight-decay masks (`mask` of :func:`adamjax.adamw`, `weight_decay_mask` and
-      `exclude_from_weight_decay` of :func:`adamjax.keras_adam`/`keras_adamw`) are evaluated on
-      the per-leaf tree and become one boolean per buffer (:meth:`buffer_mask`): exact, and
-      free per step, when the layout was built with a matching `group`; an error otherwise.
-    - `clipnorm` (a norm per tensor) and `global_clipnorm` (a sum over tensors in tree order)
-      are refused: a flat buffer keeps neither the tensors apart nor their summation order.
-      Clip the per-leaf gradients before they reach the buffers, or use the per-leaf tree.
-
-    As a net for other factories, the first `update` of each input shape traces the inner
-    update and refuses any operation that mixes elements of a buffer (a reduction, a slice, a
-    reshape). Shape- or path-dependent Python choices of a factory not listed above (a mask
-    computed inside it) cannot be seen there: pass such masks explicitly.
+    .. warning::
+      `tx` sees the buffers, not the leaves: whatever it decides from a tree's paths or shapes
+      it decides on the buffers. Give weight-decay masks per buffer with :meth:`buffer_mask`
+      (a per-leaf mask tree is refused at `init` or `update`, its structure being wrong; a
+      mask *function* or Keras's `exclude_from_weight_decay` cannot be checked here and
+      would be evaluated on the buffer keys).
 
     Args:
-      factory: An optax-style constructor (`adamjax.keras_adam`, `optax.inject_hyperparams(
-        adamjax.adam)`, ...).
-      *args: Its positional arguments.
-      **kwargs: Its keyword arguments.
+      tx: An optax transformation built for the buffers: `adamjax.keras_adam(1e-3)`,
+        `adamjax.scale_by_tf1_adam(1e-3)`, `optax.inject_hyperparams(adamjax.adam)(1e-3)`, or
+        a chain of them.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose `init`/`update` take the flat buffers.
 
     Raises:
-      ValueError: for the refused options, a mask that splits a buffer, and (at `update`) an
-        inner update that is not elementwise or buffers that do not match the layout.
+      TypeError: if `tx` is not a built transformation (a preset's constructor, say).
+      ValueError: at `update`, for an inner update that is not elementwise, and for buffers
+        that do not match the layout.
 
     Example:
       >>> import adamjax, jax, jax.numpy as jnp
@@ -411,30 +414,28 @@ class FlatLayout:
       >>> layout = adamjax.FlatLayout(params, group=decayed)
       >>> sorted(layout.buffers)
       ['float32/False', 'float32/True']
-      >>> tx = layout.optimizer(adamjax.keras_adamw, 1e-3, exclude_from_weight_decay=["bias"])
+      >>> mask = layout.buffer_mask(exclude_from_weight_decay=["bias"])
+      >>> mask
+      {'float32/False': False, 'float32/True': True}
+      >>> tx = layout.optimizer(adamjax.keras_adamw(1e-3, weight_decay_mask=mask))
     """
-    try:
-      bound = inspect.signature(factory).bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):
-      bound = None
-    name = getattr(factory, "__name__", repr(factory))
-    if bound is not None:
-      options = bound.arguments
-      for option, what in _REFUSED.items():
-        if options.get(option) is not None and not _is_zero(options[option]):
-          raise ValueError(
-            f"{name}({option}=...) is not supported on flat buffers: {what}, which a "
-            "FlatLayout buffer does not keep apart. Clip the per-leaf gradients before "
-            "they reach the buffers, use clipvalue, or keep the per-leaf tree"
-          )
-      _translate_masks(self, options)
-      args, kwargs = bound.args, bound.kwargs
-    inner = optax.with_extra_args_support(factory(*args, **kwargs))
+    if not isinstance(tx, optax.GradientTransformation):
+      what = getattr(tx, "__name__", type(tx).__name__)
+      raise TypeError(
+        f"FlatLayout.optimizer takes a built transformation, e.g. "
+        f"layout.optimizer(adamjax.adam(1e-3)), got {what!r}"
+      )
+    inner = optax.with_extra_args_support(tx)
     checked: dict[Any, None] = {}
+    keys = sorted(self._buffers)
 
     def init_fn(params):
       self.check(params, "the params passed to init")
-      return inner.init(params)
+      try:
+        return inner.init(params)
+      except (ValueError, TypeError) as e:
+        e.add_note(_PER_BUFFER_NOTE.format(keys=keys))
+        raise
 
     def update_fn(updates, state, params=None, **extra_args):
       self.check(updates, "the gradients passed to update")
@@ -443,15 +444,21 @@ class FlatLayout:
       abstract = jax.tree.map(_abstract, (updates, state, params))
       signature = (jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract)))
       if signature not in checked:
-        jaxpr = jax.make_jaxpr(functools.partial(inner.update, **extra_args))(*abstract)
+        try:
+          jaxpr = jax.make_jaxpr(functools.partial(inner.update, **extra_args))(*abstract)
+        except (ValueError, TypeError) as e:
+          e.add_note(_PER_BUFFER_NOTE.format(keys=keys))
+          raise
         mixing = _first_mixing_op(
           jaxpr.jaxpr, {v for v in jaxpr.jaxpr.invars if v.aval.shape != ()}
         )
         if mixing is not None:
           raise ValueError(
-            f"{name} is not elementwise: its update applies `{mixing}` to a flat buffer, "
-            "which on a FlatLayout would mix parameter tensors (a norm, a sum, a reshape). "
-            "Use elementwise options on flat buffers, or the per-leaf tree"
+            f"the transformation is not elementwise: its update applies `{mixing}` to a flat "
+            "buffer, which on a FlatLayout would mix parameter tensors (a norm, a sum, a "
+            "reshape: Keras's clipnorm and global_clipnorm, optax's norm clips). Clip the "
+            "per-leaf gradients before they reach the buffers, use elementwise options "
+            "(clipvalue), or keep the per-leaf tree"
           )
         checked[signature] = None
       return inner.update(updates, state, params, **extra_args)
@@ -459,35 +466,10 @@ class FlatLayout:
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-# Options that are not elementwise, refused by name (the jaxpr check would refuse them too, with
-# a less specific message).
-_REFUSED = {
-  "clipnorm": "it clips each parameter tensor by that tensor's own norm",
-  "global_clipnorm": (
-    "it sums the squares of each tensor, then the sums in tree order, and "
-    "the bits of the norm depend on that order"
-  ),
-}
-
-
-def _is_zero(value: Any) -> bool:
-  try:
-    return bool(np.all(np.asarray(value) == 0))
-  except Exception:  # noqa: BLE001 - a traced value is not known to be zero
-    return False
-
-
-def _translate_masks(layout: FlatLayout, options: dict[str, Any]) -> None:
-  """Replaces per-leaf weight-decay masks in a factory's bound arguments by per-buffer ones."""
-  if "mask" in options and options["mask"] is not None:  # optax / adamjax adamw
-    options["mask"] = layout.buffer_mask(options["mask"])
-  keras_mask = options.get("weight_decay_mask")
-  exclude = options.get("exclude_from_weight_decay")
-  if keras_mask is not None or exclude:
-    # Keras's own rule (regular expressions on '/'-joined paths), evaluated on the leaves.
-    per_leaf = _keras_weight_decay.decay_mask(layout.leaf_structs(), exclude, keras_mask)
-    options["weight_decay_mask"] = layout.buffer_mask(per_leaf)
-    options["exclude_from_weight_decay"] = None
+_PER_BUFFER_NOTE = (
+  "FlatLayout.optimizer: the transformation sees the flat buffers {keys}, not the parameter "
+  "tree; give masks per buffer, e.g. mask=layout.buffer_mask(per_leaf_mask)"
+)
 
 
 # Primitives that compute each output element from the same element of each input. Anything else

@@ -107,7 +107,7 @@ def _variants(shapes: dict[str, Any], grads: Any):
     step = adam_step.optimizer_step(tx)
     yield adam_step.jax_runner(f"{label} per-leaf", step, params, tx.init(params), grads, True)
   for preset in ("adam", "keras_adam"):
-    tx = layout.optimizer(getattr(adamjax, preset), 1e-3)
+    tx = layout.optimizer(getattr(adamjax, preset)(1e-3))
     params = layout.ravel(_device_tree(shapes, "params"))
     step = adam_step.optimizer_step(tx)
     yield adam_step.jax_runner(f"flat {preset}", step, params, tx.init(params), flat_grads, True)

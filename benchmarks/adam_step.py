@@ -255,7 +255,7 @@ def jax_runners(shapes: dict[str, Any], donations: tuple[bool, ...]) -> list[Run
         jax_runner(label + suffix, optimizer_step(tx), params, tx.init(params), grads_tree, donate)
       )
     for label, preset, kwargs in FLAT_PRESETS:
-      tx = layout.optimizer(getattr(adamjax, preset), 1e-3, **kwargs)
+      tx = layout.optimizer(getattr(adamjax, preset)(1e-3, **kwargs))
       params = layout.ravel(tree(host_p))
       runners.append(
         jax_runner(
@@ -264,7 +264,7 @@ def jax_runners(shapes: dict[str, Any], donations: tuple[bool, ...]) -> list[Run
       )
     # The same with one buffer per dtype (max_buffer_bytes=None): why the default splits.
     one = adamjax.FlatLayout(grads_tree, max_buffer_bytes=None)
-    tx = one.optimizer(adamjax.adam, 1e-3)
+    tx = one.optimizer(adamjax.adam(1e-3))
     params = one.ravel(tree(host_p))
     runners.append(
       jax_runner(
@@ -300,7 +300,7 @@ def toy_runners(shapes: dict[str, Any]) -> list[Runner]:
     tx = optax.adam(1e-3)
     return optimizer_step(tx)(params, state, jax.grad(loss)(params))
 
-  flat_tx = layout.optimizer(adamjax.adam, 1e-3)
+  flat_tx = layout.optimizer(adamjax.adam(1e-3))
 
   def flat_step(flat, state, _):
     grads = jax.grad(lambda f: loss(layout.unravel(f)))(flat)
@@ -627,7 +627,7 @@ def write_report(
   optax.adam on the per-leaf tree (same donation); compile: lower + compile (Keras, PyTorch:
   the first call); peak: XLA's memory analysis (arguments + outputs - aliased + temporaries),
   "over" is peak minus params + grads + optimizer state
-- "flat <preset>": `layout.optimizer(adamjax.<preset>, 1e-3)` on `adamjax.FlatLayout(params)`
+- "flat <preset>": `layout.optimizer(adamjax.<preset>(1e-3))` on `adamjax.FlatLayout(params)`
   buffers (4 MiB each on CPU; a larger leaf alone), so nearly the same computation at every leaf
   count; "flat adam, one buffer": `FlatLayout(params, max_buffer_bytes=None)`
 - adamjax.adam per-leaf without donation is not run above 100 leaves (its compile takes up to a

@@ -75,6 +75,19 @@ def _not_bias_or_scale(p):
   )
 
 
+def _for_buffers(layout, kwargs):
+  """A preset's options with its weight-decay masks given per buffer, as a user gives them."""
+  kwargs = dict(kwargs)
+  if "mask" in kwargs:
+    kwargs["mask"] = layout.buffer_mask(kwargs["mask"])
+  exclude = kwargs.pop("exclude_from_weight_decay", None)
+  if exclude or "weight_decay_mask" in kwargs:
+    kwargs["weight_decay_mask"] = layout.buffer_mask(
+      kwargs.get("weight_decay_mask"), exclude_from_weight_decay=exclude
+    )
+  return kwargs
+
+
 def _schedule(count):
   return 1e-2 * 0.9 ** count.astype(jnp.float32)
 
@@ -164,7 +177,8 @@ def test_flat_preset_is_bit_identical_to_per_leaf(name, max_buffer_bytes):
   layout = adamjax.FlatLayout(params, group=group, max_buffer_bytes=max_buffer_bytes)
   one_per_dtype = adamjax.FlatLayout(params, group=group, max_buffer_bytes=None)
   assert (len(layout.buffers) > len(one_per_dtype.buffers)) == (max_buffer_bytes is not None)
-  tx, flat_tx = factory(*args, **kwargs), layout.optimizer(factory, *args, **kwargs)
+  tx = factory(*args, **kwargs)
+  flat_tx = layout.optimizer(factory(*args, **_for_buffers(layout, kwargs)))
   step, flat_step = _step(tx), _step(flat_tx)
   state = tx.init(params)
   flat = layout.ravel(params)
@@ -290,7 +304,7 @@ def test_optimizer_state_is_two_moments_per_parameter_plus_scalars():
     (adamjax.adam, {"mu_dtype": jnp.bfloat16}, None),
     (adamjax.torch_adam, {}, param_bytes),
   ]:
-    state = layout.optimizer(factory, 1e-3, **kwargs).init(flat)
+    state = layout.optimizer(factory(1e-3, **kwargs)).init(flat)
     leaves = jax.tree.leaves(state)
     arrays = [x for x in leaves if x.ndim > 0]
     assert len(arrays) == 2 * len(flat)  # mu and nu, one buffer per dtype each
@@ -303,7 +317,7 @@ def test_optimizer_state_is_two_moments_per_parameter_plus_scalars():
 def test_donated_step_needs_no_memory_beyond_params_grads_and_state():
   params = {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}
   layout = adamjax.FlatLayout(params)
-  tx = layout.optimizer(adamjax.keras_adam, 1e-3)
+  tx = layout.optimizer(adamjax.keras_adam(1e-3))
   flat = layout.ravel(params)
 
   def step(params, state, grads):
@@ -323,13 +337,13 @@ def test_donated_step_needs_no_memory_beyond_params_grads_and_state():
   assert peak - resident <= 1024, (peak, resident)
 
 
-def test_works_inside_optax_chain_and_with_a_chain_factory():
+def test_works_inside_optax_chain_and_with_a_chain():
   params = _params()
   layout = adamjax.FlatLayout(params)
   per_leaf = optax.chain(optax.clip(0.1), adamjax.adam(1e-2))
   for flat_tx in [
-    optax.chain(optax.clip(0.1), layout.optimizer(adamjax.adam, 1e-2)),
-    layout.optimizer(lambda: optax.chain(optax.clip(0.1), adamjax.adam(1e-2))),
+    optax.chain(optax.clip(0.1), layout.optimizer(adamjax.adam(1e-2))),
+    layout.optimizer(optax.chain(optax.clip(0.1), adamjax.adam(1e-2))),
   ]:
     p = jax.tree.map(jnp.copy, params)  # the steps donate
     s = per_leaf.init(p)
@@ -345,7 +359,7 @@ def test_inject_hyperparams_learning_rate_changes_without_retracing():
   params = _params(jnp.float16)
   layout = adamjax.FlatLayout(params)
   factory = optax.inject_hyperparams(adamjax.keras_adam)
-  tx, flat_tx = factory(learning_rate=1e-2), layout.optimizer(factory, learning_rate=1e-2)
+  tx, flat_tx = factory(learning_rate=1e-2), layout.optimizer(factory(learning_rate=1e-2))
   p, s = params, tx.init(params)
   f, fs = layout.ravel(params), flat_tx.init(layout.ravel(params))
   step, flat_step = _step(tx), _step(flat_tx)
@@ -374,7 +388,7 @@ def test_nnx_model_trains_on_flat_buffers_as_on_its_state(pure_dict):
   def loss(params):
     return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2)
 
-  tx, flat_tx = adamjax.keras_adam(1e-2), layout.optimizer(adamjax.keras_adam, 1e-2)
+  tx, flat_tx = adamjax.keras_adam(1e-2), layout.optimizer(adamjax.keras_adam(1e-2))
 
   @jax.jit
   def step(params, opt_state):
@@ -436,7 +450,7 @@ def test_unravel_and_update_refuse_buffers_that_do_not_match():
     layout.unravel(dict(flat, float32=jnp.ones(3)))
   with pytest.raises(ValueError, match=r"have keys \['float32'\], but the FlatLayout's buffers"):
     layout.unravel({"float32": flat["float32"]})
-  tx = layout.optimizer(adamjax.adam, 1e-3)
+  tx = layout.optimizer(adamjax.adam(1e-3))
   state = tx.init(flat)
   with pytest.raises(ValueError, match="gradients passed to update are a per-leaf tree"):
     tx.update(params, state, flat)
@@ -451,11 +465,17 @@ def test_unravel_and_update_refuse_buffers_that_do_not_match():
 
 
 @pytest.mark.parametrize("option", ["clipnorm", "global_clipnorm"])
-def test_per_tensor_clipping_is_refused(option):
-  layout = adamjax.FlatLayout(_params(jnp.float16))
-  with pytest.raises(ValueError, match=f"keras_adam\\({option}=...\\) is not supported on flat"):
-    layout.optimizer(adamjax.keras_adam, 1e-3, **{option: 1.0})
-  layout.optimizer(adamjax.keras_adam, 1e-3, **{option: None})  # off, as in Keras
+def test_per_tensor_clipping_is_refused_at_the_first_update(option):
+  params = _params(jnp.float16)
+  layout = adamjax.FlatLayout(params)
+  flat = layout.ravel(params)
+  tx = layout.optimizer(adamjax.keras_adam(1e-3, **{option: 1.0}))
+  with pytest.raises(
+    ValueError, match="not elementwise: its update applies `reduce_sum`.*clipnorm"
+  ):
+    tx.update(flat, tx.init(flat), flat)
+  off = layout.optimizer(adamjax.keras_adam(1e-3, **{option: None}))  # off, as in Keras
+  off.update(flat, off.init(flat), flat)
 
 
 def test_a_mask_that_splits_a_buffer_is_refused_with_the_fix():
@@ -466,19 +486,70 @@ def test_a_mask_that_splits_a_buffer_is_refused_with_the_fix():
     r"\(\['emb'\]\[0\]\) and leaves it does not "
     r"\(\['emb'\]\[1\], \['norm'\]\['scale'\]\).*group=mask",
   ):
-    layout.optimizer(adamjax.adamw, 1e-3, mask=_decayed)
+    layout.buffer_mask(_decayed)
   with pytest.raises(ValueError, match="holds leaves the mask selects"):
-    layout.optimizer(adamjax.keras_adamw, 1e-3, exclude_from_weight_decay=["bias"])
+    layout.buffer_mask(exclude_from_weight_decay=["bias"])
+
+
+def test_buffer_mask_follows_keras_exclusion_rule():
+  layout = adamjax.FlatLayout(_params(), group=_not_bias_or_scale)
+  assert layout.buffer_mask() == dict.fromkeys(layout.buffers, True)
+  assert layout.buffer_mask(exclude_from_weight_decay=["bias", "scale"]) == layout.buffer_mask(
+    _not_bias_or_scale
+  )
+
+
+def test_a_per_leaf_mask_is_refused_with_a_note_on_buffer_mask():
+  params = _params()
+  layout = adamjax.FlatLayout(params, group=_decayed)
+  flat = layout.ravel(params)
+  per_leaf = _decayed(params)
+  tx = layout.optimizer(adamjax.adamw(1e-3, mask=per_leaf))
+  with pytest.raises((ValueError, TypeError)) as info:
+    tx.init(flat)
+  assert "layout.buffer_mask" in "\n".join(getattr(info.value, "__notes__", []))
+  keras = layout.optimizer(adamjax.keras_adamw(1e-3, weight_decay_mask=per_leaf))
+  with pytest.raises((ValueError, TypeError)) as info:
+    keras.update(flat, keras.init(flat), flat)
+  assert "layout.buffer_mask" in "\n".join(getattr(info.value, "__notes__", []))
+
+
+def test_optimizer_takes_a_built_transformation_not_a_constructor():
+  layout = adamjax.FlatLayout(_params())
+  with pytest.raises(TypeError, match=r"takes a built transformation.*got 'keras_adam'"):
+    layout.optimizer(adamjax.keras_adam)
+
+
+@pytest.mark.parametrize("name", ["keras", "tf1", "torch"])
+def test_a_scale_by_step_on_flat_buffers_is_bit_identical(name):
+  scale_by, low = {
+    "keras": (adamjax.scale_by_keras_adam, jnp.float16),
+    "tf1": (adamjax.scale_by_tf1_adam, jnp.float16),
+    "torch": (adamjax.scale_by_torch_adam, jnp.bfloat16),
+  }[name]
+  params = _params(low)
+  layout = adamjax.FlatLayout(params, max_buffer_bytes=32)
+  tx = optax.chain(scale_by(1e-2), optax.scale(-1.0))
+  flat_tx = optax.chain(layout.optimizer(scale_by(1e-2)), optax.scale(-1.0))
+  p, s = params, tx.init(params)
+  f = layout.ravel(params)
+  fs = flat_tx.init(f)
+  for t in range(4):
+    g = _grads(t, params)
+    p, s = _step(tx)(p, s, g)
+    f, fs = _step(flat_tx)(f, fs, layout.ravel(g))
+  _assert_bit_identical(p, f, layout)
+  _assert_bit_identical(s, fs, layout)
 
 
 def test_a_transformation_that_mixes_elements_is_refused_at_update():
   params = _params()
   layout = adamjax.FlatLayout(params)
-  tx = layout.optimizer(lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)))
+  tx = layout.optimizer(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)))
   flat = layout.ravel(params)
   with pytest.raises(ValueError, match="is not elementwise: its update applies `reduce_sum`"):
     tx.update(flat, tx.init(flat), flat)
-  chained = layout.optimizer(lambda: adamjax.keras_clip_by_norm(1.0))
+  chained = layout.optimizer(adamjax.keras_clip_by_norm(1.0))
   with pytest.raises(ValueError, match="not elementwise"):
     jax.jit(chained.update)(flat, chained.init(flat))
 
@@ -492,7 +563,8 @@ def test_benchmark_harness_quick_run_writes_its_table(tmp_path):
   proc = subprocess.run(
     [
       sys.executable,
-      os.path.join(ROOT, "benchmarks", "adam_step.py"),
+      "-m",
+      "benchmarks.adam_step",
       "--quick",
       "--frameworks",
       "torch",
@@ -511,7 +583,7 @@ def test_benchmark_harness_quick_run_writes_its_table(tmp_path):
   for line in [
     "# One Adam step on CPU",
     "- date: ",
-    "- command: `python benchmarks/adam_step.py --quick",
+    "- command: `python -m benchmarks.adam_step --quick",
     "- machine: ",
     "jax 0.10.2",
     "## Optimizer step",
