@@ -5,7 +5,9 @@ checkpoint, the other killed too, both resumed; the result is compared with one 
 the same global batch on two simulated devices (``--xla_force_host_platform_device_count=2``).
 With two devices the gradient all-reduce adds two partial sums, and ``a + b`` is the same in any
 order, so the two must agree bit for bit. A workdir the processes do not share is refused by
-every process at start-up.
+every process at start-up. The resumed half runs with ``--shard-optimizer-state``, so the
+replicated save, the restore into moments split across processes and their saves (the digest
+gathers them) are all on the path that must end bit-identical.
 
 Every subprocess has a timeout and is killed in a ``finally``; ports come from binding port 0.
 """
@@ -145,7 +147,9 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, single_pro
     kill_all(procs)
   assert killed_after < STEPS, "the run finished before it was killed"
 
-  procs = launch(tmp_path, [workdir, workdir], "--resume")
+  # Resumed with the Adam moments split over the two processes (--shard-optimizer-state): the
+  # checkpoint does not depend on the layout, and the numbers must not either.
+  procs = launch(tmp_path, [workdir, workdir], "--resume", "--shard-optimizer-state")
   try:
     codes = wait_all(procs)
   finally:
@@ -155,6 +159,7 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, single_pro
   resumed_at = int(logs[0].split("Resumed from ")[1].split(": step ")[1].split()[0])
   assert resumed_at >= killed_after and resumed_at % 16 == 0
   assert "2 device(s)" in logs[0] and "2 process(es)" in logs[0]
+  assert "Optimizer state split over 2 device(s)" in logs[0]
   # Process 0 alone reports; process 1 says nothing of the training.
   assert "Final test accuracy" in logs[0] and "Final test accuracy" not in logs[1]
   assert "XLA:CPU threads" in logs[0] and "XLA:CPU threads" not in logs[1]
@@ -176,7 +181,7 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, single_pro
   assert (step_dir / "sha256.json").is_file()
   print(
     f"\n2 processes, {STEPS} steps, SIGKILL of process 1 after checkpoint {killed_after}, "
-    f"resumed at step {resumed_at}: bit-identical to 1 process on 2 devices; "
+    f"resumed at step {resumed_at} with the moments split: bit-identical to 1 process on 2 devices; "
     f"{time.monotonic() - start:.1f} s"
   )
 
