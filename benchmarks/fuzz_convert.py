@@ -50,6 +50,9 @@ def main() -> None:
   parser.add_argument("--log", type=pathlib.Path, help="write every outcome as JSON lines here")
   parser.add_argument("--jobs", type=int, default=1, help="fork servers running side by side")
   parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
+  parser.add_argument(
+    "--indices", type=lambda s: {int(i) for i in s.split(",")}, help="rerun only these mutants"
+  )
   args = parser.parse_args()
   if args.jobs > 1:
     return run_jobs(args)
@@ -68,6 +71,7 @@ def main() -> None:
       pathlib.Path(work),
       timeout=args.timeout,
       shard=(shard, shards),
+      indices=args.indices,
     ):
       outcomes.append(o)
       if log:

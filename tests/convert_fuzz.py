@@ -931,6 +931,7 @@ def fuzz(
   timeout: float = 60.0,
   progress=None,
   shard: tuple[int, int] = (0, 1),
+  indices: set[int] | None = None,
 ):
   """Runs ``count`` mutants one at a time; yields an :class:`Outcome` per mutant.
 
@@ -938,7 +939,7 @@ def fuzz(
   """
   warm_imports()
   for i, fmt, seed, rng in mutants(all_seeds, count, rng_seed):
-    if i % shard[1] != shard[0]:
+    if i % shard[1] != shard[0] or (indices is not None and i not in indices):
       continue
     mutant_dir = workdir / "mutant"
     try:

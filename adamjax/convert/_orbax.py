@@ -221,7 +221,15 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
   path = Path(directory) / METADATA
   if not path.is_file():
     raise ConversionError(f"{directory} is not a converted checkpoint (no {METADATA})")
-  return json.loads(path.read_text())
+  try:
+    meta = json.loads(path.read_bytes())
+  except (OSError, ValueError, RecursionError) as e:
+    raise ConversionError(
+      f"{path}: unreadable metadata ({type(e).__name__}: {_safe_io.clip(str(e), 200)})"
+    ) from None
+  if not isinstance(meta, dict):
+    raise ConversionError(f"{path}: the metadata is not a JSON object")
+  return meta
 
 
 def template(meta: dict[str, Any]) -> KerasCheckpoint:

@@ -148,8 +148,10 @@ def _check_handlers(step: str) -> None:
   try:
     with open(metadata, encoding="utf-8") as f:
       handlers = json.loads(f.read(1 << 20)).get("item_handlers") or {}
-  except (OSError, ValueError, AttributeError) as e:
-    raise ConversionError(f"{metadata}: unreadable checkpoint metadata ({e})") from None
+  except (OSError, ValueError, AttributeError, RecursionError) as e:
+    raise ConversionError(
+      f"{metadata}: unreadable checkpoint metadata ({type(e).__name__}: {clip(str(e), 200)})"
+    ) from None
   for name in ("pytree", "model_config"):
     handler = handlers.get(name) if isinstance(handlers, dict) else None
     if handler is not None and not str(handler).endswith(".PyTreeHandler"):

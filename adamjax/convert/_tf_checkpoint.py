@@ -104,7 +104,12 @@ def _latest_checkpoint(directory: str, state: str) -> str:
     name = ast.literal_eval(f'"{escaped}"')
   except (SyntaxError, ValueError):
     raise ConversionError(f"{state}: malformed model_checkpoint_path") from None
-  if "\x00" in name or not name:
+  try:
+    os.fsencode(name)
+    encodable = True
+  except UnicodeEncodeError:
+    encodable = False
+  if "\x00" in name or not name or not encodable:
     raise ConversionError(f"{state}: model_checkpoint_path {clip(name)} is not a file name")
   directory = os.path.abspath(directory)
   prefix = os.path.normpath(os.path.join(directory, name))
