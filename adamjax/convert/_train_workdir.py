@@ -14,9 +14,13 @@ caller gives a target, whose restored state matches its digest; anything else is
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +148,54 @@ def read_checkpoint(
   return state, meta
 
 
+class _DrainingLoop(asyncio.SelectorEventLoop):
+  """An event loop that, when closed, first lets the tasks still pending on it finish.
+
+  Orbax runs a restore with ``loop.run_until_complete(...)`` and then ``loop.close()``, without
+  cancelling or awaiting the other tasks: when one array fails to decode (a truncated or altered
+  data file), the reads of the other arrays are still in flight in TensorStore's threads. Their
+  completions then land on a closed loop at some later moment ("Event loop is closed", "Task
+  exception was never retrieved", from whichever code runs then). Here they finish, and their
+  errors are collected, before the restore returns.
+  """
+
+  def close(self) -> None:
+    pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+    if pending and not self.is_running() and not self.is_closed():
+      self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingLoop()
+
+
+_POLICY_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _draining_event_loops() -> Iterator[None]:
+  """Event loops created meanwhile (Orbax's, one per restore) drain their tasks on close."""
+  with _POLICY_LOCK:
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+      yield
+    finally:
+      asyncio.set_event_loop_policy(previous)
+
+
 def _restore(step_dir: Path, target: Any) -> Any:
-  """Orbax's restore of both items, into ``target`` or onto the host as the metadata says."""
+  """Orbax's restore of both items, into ``target`` or onto the host as the metadata says.
+
+  Nothing Orbax started is left running when this returns or raises (see _DrainingLoop).
+  """
+  with _draining_event_loops():
+    return _orbax_restore(step_dir, target)
+
+
+def _orbax_restore(step_dir: Path, target: Any) -> Any:
   import orbax.checkpoint as ocp
 
   handler = ocp.CompositeCheckpointHandler(
