@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from adamjax_runner import run_optax
 
 import adamjax
+from adamjax.testing import run_optax
 
 LR = {"torch_adam": "lr", "torch_adamw": "lr"}
 

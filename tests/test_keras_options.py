@@ -28,10 +28,21 @@ import keras
 import numpy as np
 import optax
 import pytest
-from adamjax_runner import run_optax, ulps
-from reference_runners import make_gradient_sequence, make_params, run_keras_jax, run_keras_tf
 
 import adamjax
+from adamjax.testing import (
+  KERAS_ADAM_OPTIONS,
+  KERAS_OPTIONS_ACCUMULATING,
+  KERAS_OPTIONS_NOT_POW2,
+  keras_adam_for_option,
+  keras_option_config,
+  make_gradient_sequence,
+  make_params,
+  max_ulps,
+  run_keras_jax,
+  run_keras_tf,
+  run_optax,
+)
 
 SHAPES = {"bias": (7,), "kernel": (3, 5), "conv": (2, 3, 4), "scale": ()}
 STEPS = 600
@@ -40,73 +51,18 @@ CLIP_RTOL = 1e-5
 _PARAM_ATOL = 1e-9
 
 
-def _schedule():
-  # decay_steps is a power of two: XLA compiles `step / decay_steps` as a multiplication by
-  # the reciprocal, exact only then (eager Keras-on-JAX and TF divide). With any other value the
-  # learning rate itself can differ by an ulp from eager Keras: a property of compiling the
-  # schedule, not of the optimizer.
-  return keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=32, decay_rate=0.9)
-
-
-# name -> Keras config (JSON-able; "schedule" stands for _schedule()).
-CONFIGS = {
-  "weight_decay": {"weight_decay": 0.004},
-  "weight_decay_exclude": {
-    "weight_decay": 0.05,
-    "learning_rate": 0.01,
-    "_exclude_params": ["bias", "scale"],
-  },
-  "clipnorm": {"clipnorm": 1.0},
-  "global_clipnorm": {"global_clipnorm": 1.0},
-  "clipvalue": {"clipvalue": 0.5},
-  "ema": {"use_ema": True},
-  "ema_overwrite": {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 7},
-  "loss_scale_factor": {"loss_scale_factor": 128.0},
-  "loss_scale_factor_3": {"loss_scale_factor": 3.0},
-  "accumulation": {"gradient_accumulation_steps": 4},
-  "accumulation_3": {"gradient_accumulation_steps": 3},
-  "schedule": {"learning_rate": "schedule"},
-  "accumulation_schedule": {"gradient_accumulation_steps": 2, "learning_rate": "schedule"},
-  "wd_globalclip_ema": {"weight_decay": 0.01, "global_clipnorm": 5.0, "use_ema": True},
-  "amsgrad_clipnorm_wd": {"amsgrad": True, "clipnorm": 2.0, "weight_decay": 0.004},
-  "accumulation_ema_overwrite": {
-    "gradient_accumulation_steps": 2,
-    "use_ema": True,
-    "ema_overwrite_frequency": 5,
-  },
-  "everything": {
-    "learning_rate": "schedule",
-    "amsgrad": True,
-    "weight_decay": 0.004,
-    "global_clipnorm": 10.0,
-    "use_ema": True,
-    "ema_overwrite_frequency": 11,
-    "loss_scale_factor": 4.0,
-    "gradient_accumulation_steps": 4,
-  },
-}
-NOT_POW2 = {"loss_scale_factor_3", "accumulation_3"}
+CONFIGS = KERAS_ADAM_OPTIONS  # name -> Keras config ("schedule": keras_option_schedule()).
+NOT_POW2 = KERAS_OPTIONS_NOT_POW2
 # Keras-on-JAX accumulates with `lax.cond`, which run op by op takes minutes for 600 steps:
 # these are checked against jitted Keras-JAX (fused) and against TF only.
-ACCUMULATING = {name for name, config in CONFIGS.items() if "gradient_accumulation_steps" in config}
-
-
-def _keras_config(name):
-  config = dict(CONFIGS[name])
-  if config.get("learning_rate") == "schedule":
-    config["learning_rate"] = {"schedule": keras.optimizers.schedules.serialize(_schedule())}
-  return config
+ACCUMULATING = KERAS_OPTIONS_ACCUMULATING
 
 
 def _ours(name, jit=True, fused=False):
-  config = dict(CONFIGS[name])
-  if config.get("learning_rate") == "schedule":
-    config["learning_rate"] = _schedule()
-  if "_exclude_params" in config:
-    config["exclude_from_weight_decay"] = [f"^{n}$" for n in config.pop("_exclude_params")]
+  config = CONFIGS[name]
   fields = ("mu", "nu") + (("nu_max",) if config.get("amsgrad") else ())
   fields += ("ema",) if config.get("use_ema") else ()
-  tx = adamjax.keras_adam(**config, fused_multiply_add=fused)
+  tx = keras_adam_for_option(name, fused_multiply_add=fused)
   return run_optax(tx, *_inputs(), jit=jit, fields=fields)
 
 
@@ -119,8 +75,8 @@ def _inputs():
 def _keras(name, backend, jit=False):
   params, grads = _inputs()
   if backend == "tensorflow":
-    return run_keras_tf(params, grads, _keras_config(name))
-  return run_keras_jax(params, grads, _keras_config(name), jit=jit)
+    return run_keras_tf(params, grads, keras_option_config(name))
+  return run_keras_jax(params, grads, keras_option_config(name), jit=jit)
 
 
 def _pairs(ours, reference):
@@ -141,12 +97,12 @@ def _assert_params_close(ours, reference, record=None):
     worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in b)
     if record is not None:
       record(f"{name}_max_abs", worst)
-      record(f"{name}_max_ulps", ulps(a, b))
+      record(f"{name}_max_ulps", max_ulps(a, b))
     assert worst <= _PARAM_ATOL, (name, worst)
 
 
 def _assert_bit_for_bit(ours, reference, record=None):
-  diff = {k: ulps(a, b) for k, (a, b) in _pairs(ours, reference).items()}
+  diff = {k: max_ulps(a, b) for k, (a, b) in _pairs(ours, reference).items()}
   if record is not None:
     record("state_max_ulps", diff)
   assert set(diff.values()) == {0}, diff
@@ -170,7 +126,7 @@ def test_option_matches_keras_tensorflow_backend(name, record_property):
   pairs = _pairs(ours, reference) | {"params": (ours["params"], reference.params)}
   if "ema" in ours:
     pairs["average"] = (ours["ema"], reference.extra["average"])
-  diff = {k: ulps(a, b) for k, (a, b) in pairs.items()}
+  diff = {k: max_ulps(a, b) for k, (a, b) in pairs.items()}
   record_property("max_ulps", diff)
   if any(k in CONFIGS[name] for k in ("clipnorm", "global_clipnorm")):
     # Relative to each value, and to the largest magnitude of its tensor over the run (the
@@ -182,7 +138,7 @@ def test_option_matches_keras_tensorflow_backend(name, record_property):
           a[leaf], b[leaf], rtol=CLIP_RTOL, atol=CLIP_RTOL * scale, err_msg=f"{key}[{leaf}]"
         )
   else:
-    assert max(ulps(a, b) for a, b in _pairs(ours, reference).values()) <= ULP_BOUND, diff
+    assert max(max_ulps(a, b) for a, b in _pairs(ours, reference).values()) <= ULP_BOUND, diff
     _assert_params_close(ours, reference)
 
 
@@ -272,7 +228,7 @@ def test_keras_adamw_defaults_to_keras_adamw_decay():
   ours = run_optax(adamjax.keras_adamw(), params, grads)
   reference = run_keras_jax(params, grads, {"weight_decay": 0.004}, jit=False)
   assert keras.optimizers.AdamW().weight_decay == 0.004
-  assert ulps(ours["mu"], reference.m) == 0
+  assert max_ulps(ours["mu"], reference.m) == 0
   _assert_params_close(ours, reference)
 
 

@@ -4,10 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from adamjax_runner import run_optax
-from reference_runners import make_gradient_sequence, make_params
 
 import adamjax
+from adamjax.testing import make_gradient_sequence, make_params, run_optax
 
 SHAPES = {"bias": (7,), "kernel": (3, 5), "conv": (2, 3, 4), "scale": ()}
 STEPS = 1000

@@ -36,12 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from adamjax_runner import run_optax
-from reference_runners import make_gradient_sequence, make_params, ulp_distance
 
 import adamjax
 from adamjax import _double_float, _torch_adam, _xla_exact
 from adamjax._torch_adam import ScaleByTorchAdamState, scale_by_torch_adam, torch_adam, torch_adamw
+from adamjax.testing import make_gradient_sequence, make_params, max_ulps, run_optax, ulp_distance
 
 torch = pytest.importorskip("torch")
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -146,11 +145,9 @@ def _ours(tx, amsgrad=False, jit=True, steps=STEPS):
   return run_optax(tx, params, grads, jit=jit, fields=fields)
 
 
-def _ulps(ours, ref, steps=None):
-  """Max ulps per recorded quantity over every step and element."""
-  return {
-    f: max(int(ulp_distance(ours[f][k], ref[f][k][:steps]).max()) for k in ref[f]) for f in ref
-  }
+def _ulps(ours, ref):
+  """Max ulps per quantity `ref` records (params, mu, ...), over every step and element."""
+  return {f: max_ulps({k: ours[f][k] for k in ref[f]}, ref[f]) for f in ref}
 
 
 def _crossings(ref_params, params0):
