@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from adamjax.convert._ir import ConversionError
+from adamjax.convert.layers import _regularizers
 
 # Keras class_name -> the module class that builds it.
 LAYERS: dict[str, type[Layer]] = {}
@@ -79,11 +80,16 @@ class Layer(nnx.Module):
       ``("query", "value", "key")`` for MultiHeadAttention). With one, the graph passes its mask
       as ``mask=``; with several, as ``<name>_mask=`` keyword arguments, as Keras does.
     flax_names: Keras variable name -> attribute path in the module, where they differ.
+    option_names: Keras variable name -> the prefix of its ``*_regularizer``/``*_constraint``
+      options, where it is not the name without ``_kernel`` (``kernel`` -> ``kernel_regularizer``,
+      ``recurrent_kernel`` -> ``recurrent_regularizer``; DepthwiseConv's ``kernel`` ->
+      ``depthwise_regularizer``).
   """
 
   supports_masking: ClassVar[bool] = False
   call_args: ClassVar[tuple[str, ...]] = ("inputs",)
   flax_names: ClassVar[Mapping[str, str]] = {}
+  option_names: ClassVar[Mapping[str, str]] = {}
 
   @classmethod
   def variables(cls, config: Mapping[str, Any]) -> tuple[str, ...]:
@@ -100,9 +106,27 @@ class Layer(nnx.Module):
   def __init__(self, config: Mapping[str, Any], weights: Mapping[str, np.ndarray]):
     self.compute_dtype, self.variable_dtype = dtype_policy(config)
     non_trainable = self.non_trainable(config)
+    regularized, constrained = [], []
     for name in self.variables(config):
       kind = nnx.BatchStat if name in non_trainable else nnx.Param
-      set_path(self, self.flax_names.get(name, name), kind(jnp.asarray(weights[name])))
+      path = self.flax_names.get(name, name)
+      set_path(self, path, kind(jnp.asarray(weights[name])))
+      prefix = self.option_names.get(name, name.rsplit("/", 1)[-1].removesuffix("_kernel"))
+      reg = _regularizers.parse(
+        config.get(f"{prefix}_regularizer"), _regularizers.REGULARIZERS, "regularizer"
+      )
+      if reg is not None and name not in non_trainable:
+        regularized.append((path, reg))
+      con = _regularizers.parse(
+        config.get(f"{prefix}_constraint"), _regularizers.CONSTRAINTS, "constraint"
+      )
+      if con is not None:
+        constrained.append((path, con))
+    # Static: which variables carry a penalty or a constraint, and Keras's activity regularizer.
+    self.regularized, self.constrained = tuple(regularized), tuple(constrained)
+    self.activity_regularizer = _regularizers.parse(
+      config.get("activity_regularizer"), _regularizers.REGULARIZERS, "regularizer"
+    )
 
   def __call__(self, inputs: Any, *, training: bool = False, mask: Any = None, rngs: Any = None):
     raise NotImplementedError
@@ -117,8 +141,17 @@ class Layer(nnx.Module):
     return value.astype(self.compute_dtype) if value.dtype != self.compute_dtype else value
 
   def losses(self) -> list[jax.Array]:
-    """Penalties Keras adds to the loss for this layer's weights (kernel/bias regularizers)."""
-    return []
+    """Penalties Keras adds to the loss for this layer's weights (its ``*_regularizer`` options),
+    in the variables' order, each computed on the stored (variable-dtype) value as Keras does."""
+    return [
+      _regularizers.penalty(spec, get_path(self, path)[...]) for path, spec in self.regularized
+    ]
+
+  def apply_constraints(self) -> None:
+    """Projects each constrained variable in place, as Keras does after an optimizer step."""
+    for path, spec in self.constrained:
+      variable = get_path(self, path)
+      variable.set_value(_regularizers.constrain(spec, variable[...]))
 
 
 def set_path(module: nnx.Module, path: str, value: Any) -> None:
