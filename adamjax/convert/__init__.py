@@ -53,6 +53,7 @@ __all__ = [
   "KerasLayer",
   "adam_state",
   "converted_optimizer",
+  "flax_model",
   "flax_variables",
   "from_flax",
   "keras_adam_state",
@@ -214,3 +215,54 @@ def write(
     _keras_h5.write_keras_weights_h5(ckpt, path)
   else:
     raise ConversionError(f"{path}: the output name must end in .keras or .weights.h5")
+
+
+def flax_model(
+  source: str | os.PathLike | KerasCheckpoint,
+  *,
+  model_config: dict[str, Any] | None = None,
+  max_bytes: int | None = None,
+):
+  """The Keras model in a file as an ``nnx.Module``, built from its config, with its weights.
+
+  Every layer is built by the layer registry (:mod:`adamjax.convert.layers`) and computes what
+  Keras computes; the module's attributes are Keras's layer names (``dense``, ``lstm_1``, nested
+  models as nested modules), so :func:`adam_state` and :func:`to_flax` map the checkpoint onto
+  ``nnx.state(model, nnx.Param)`` one to one::
+
+      model = adamjax.convert.flax_model("model.keras")
+      logits = model(x)                                # model(x, training=True, rngs=rngs)
+      ckpt = adamjax.convert.read("model.keras")
+      tx = adamjax.convert.keras_optimizer(ckpt)
+      opt_state = adamjax.convert.adam_state(ckpt, tx, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+  Args:
+    source: A checkpoint path (see :func:`read`) or a :class:`KerasCheckpoint` already read.
+    model_config: The model's Keras config (``config.json`` contents), for formats that store
+      none (``.weights.h5``, TF checkpoints); a ``.keras`` or tf-keras ``.h5`` has its own.
+    max_bytes: As in :func:`read`.
+
+  Raises:
+    ConversionError: if there is no config, the config uses layers the registry does not
+      build (all are listed, with their paths), or the weights do not fit the config.
+  """
+  from adamjax.convert import _graph
+
+  if isinstance(source, KerasCheckpoint):
+    ckpt = source
+  else:
+    ckpt = read(source, model_config=model_config, max_bytes=max_bytes)
+  config = model_config if model_config is not None else ckpt.model_config
+  where = ckpt.source or f"the {ckpt.format} checkpoint"
+  if config is None:
+    raise ConversionError(
+      f"{where}: a {ckpt.format} file stores no model config; pass model_config "
+      "(the model's config.json, or model.get_config() wrapped as "
+      '{"class_name": ..., "config": ...})'
+    )
+  if model_config is not None:
+    from adamjax.convert import _keras_config
+
+    _keras_config.check_config(model_config, f"{where} (model_config)")
+  weights = {layer.name: layer.weights for layer in ckpt.layers}
+  return _graph.KerasModel(config, weights, source=where)

@@ -137,6 +137,8 @@ class KerasCheckpoint:
     notes: Things the user should know that are not errors (e.g. "weights only: a SavedModel
       holds no optimizer state").
     source: The path it was read from (set by :func:`adamjax.convert.read`; errors name it).
+    dropped_optimizer: The class of the model's compiled optimizer when it is not Adam/AdamW
+      (``"SGD"``, ``"RMSprop"``...): the weights are read, its state is not carried over.
   """
 
   format: str
@@ -145,6 +147,7 @@ class KerasCheckpoint:
   model_config: dict[str, Any] | None = None
   notes: tuple[str, ...] = ()
   source: str = ""
+  dropped_optimizer: str | None = None
 
   def layer(self, name: str) -> KerasLayer:
     for layer in self.layers:

@@ -18,13 +18,16 @@ from typing import Any
 
 from adamjax.convert._ir import (
   LAYER_VARIABLES,
-  STATELESS_LAYERS,
   ConversionError,
   class_layer_names,
 )
 from adamjax.convert._safe_io import clip
+from adamjax.convert.layers import LAYERS
+from adamjax.convert.layers._regularizers import CONSTRAINTS, REGULARIZERS
 
-_LAYERS = frozenset(LAYER_VARIABLES) | STATELESS_LAYERS
+# Layer classes a config may name: those the registry builds (and InputLayer). The classes the
+# weights-only readers know by their variables are among them.
+_LAYERS = frozenset(LAYERS) | {"InputLayer"}
 _MODELS = frozenset({"Sequential", "Functional"})
 _INITIALIZERS = frozenset(
   {
@@ -99,6 +102,11 @@ _METRICS = (
   | _LOSSES
 )
 _OPTIMIZERS = frozenset({"Adam", "AdamW"})
+# Keras's other built-in optimizers: a model compiled with one converts its weights, with a note
+# that its optimizer state is not carried over (only Adam/AdamW state maps to adamjax).
+OTHER_OPTIMIZERS = frozenset(
+  {"SGD", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Nadam", "Ftrl", "Lion", "Lamb", "Adafactor"}
+)
 
 # (module, class_name) pairs Keras 3 writes for the objects the converter accepts.
 ALLOWED: dict[str, frozenset[str]] = {
@@ -106,10 +114,12 @@ ALLOWED: dict[str, frozenset[str]] = {
   "keras.src.models.functional": frozenset({"Functional"}),
   "keras.layers": _LAYERS,
   "keras.initializers": _INITIALIZERS,
-  "keras.optimizers": _OPTIMIZERS,
+  "keras.optimizers": _OPTIMIZERS | OTHER_OPTIMIZERS,
   "keras.optimizers.schedules": _SCHEDULES,
   "keras.losses": _LOSSES,
   "keras.metrics": _METRICS,
+  "keras.regularizers": REGULARIZERS,
+  "keras.constraints": CONSTRAINTS,
 }
 # Objects without a ``module``: tf-keras (Keras 2) configs name only the class, which Keras
 # resolves among its built-ins; Keras 3 writes the symbolic inputs of a Functional model's
@@ -122,6 +132,9 @@ _ALLOWED_WITHOUT_MODULE = (
   | _SCHEDULES
   | _METRICS
   | _OPTIMIZERS
+  | OTHER_OPTIMIZERS
+  | REGULARIZERS
+  | CONSTRAINTS
   | {"Custom>Adam", "Custom>AdamW", "__keras_tensor__"}
 )
 # Keras writes a non-null ``registered_name`` for these built-ins (the class's own name).
@@ -235,6 +248,8 @@ class ModelSpec:
     saved: Layers and nested models together, each model before its layers: the order in
       which Keras writes their h5 groups.
     optimizer: The compiled optimizer, or None if the config has none.
+    other_optimizer: The class of a compiled optimizer other than Adam/AdamW (``SGD``,
+      ``RMSprop``...): the weights convert, its state is not carried (``optimizer`` is None).
   """
 
   name: str
@@ -243,6 +258,7 @@ class ModelSpec:
   submodels: tuple[LayerSpec, ...]
   saved: tuple[LayerSpec, ...]
   optimizer: OptimizerSpec | None
+  other_optimizer: str | None = None
 
 
 def load_json(data: bytes | str, source: str) -> Any:
@@ -270,22 +286,33 @@ def check_config(config: Any, source: str, where: str = "$") -> None:
     where: The JSON path of ``config`` inside the file (``$`` for the root).
 
   Raises:
-    ConversionError: naming the JSON path, the object and why it is refused.
+    ConversionError: naming the JSON path, the object and why it is refused; every refused
+      object of the config is listed in the one message.
   """
-  _check(config, source, where, 0)
+  refused: list[str] = []
+  _check(config, source, where, 0, refused)
+  if len(refused) == 1:
+    raise ConversionError(f"{source}: refusing {refused[0]}")
+  if refused:
+    raise ConversionError(
+      f"{source}: refusing {len(refused)} objects of the config:\n  " + "\n  ".join(refused)
+    )
 
 
-def _check(node: Any, source: str, where: str, depth: int) -> None:
+def _check(node: Any, source: str, where: str, depth: int, refused: list[str]) -> None:
   if depth > _MAX_DEPTH:
     raise _refuse(source, where, "the config", f"nested deeper than {_MAX_DEPTH} levels")
   if isinstance(node, list):
     for i, item in enumerate(node):
-      _check(item, source, f"{where}[{i}]", depth + 1)
+      _check(item, source, f"{where}[{i}]", depth + 1, refused)
     return
   if not isinstance(node, dict):
     return
   if "class_name" in node:
-    _check_object(node, source, where)
+    problem = _check_object(node, source, where)
+    if problem is not None:
+      refused.append(problem)
+      return
   for key, value in node.items():
     path = f"{where}.{key}"
     if key in ("activation", "recurrent_activation") and not isinstance(value, dict):
@@ -305,42 +332,33 @@ def _check(node: Any, source: str, where: str, depth: int) -> None:
       )
     elif key == "lora_rank" and value:
       raise _refuse(source, path, "a LoRA layer", "LoRA adapters are not supported")
-    _check(value, source, path, depth + 1)
+    _check(value, source, path, depth + 1, refused)
 
 
-def _check_object(node: dict[str, Any], source: str, where: str) -> None:
+def _check_object(node: dict[str, Any], source: str, where: str) -> str | None:
+  """None if the object is allowed, else "<what> at <where>: <why>" (an unsafe structure
+  raises at once)."""
   class_name, module = node["class_name"], node.get("module")
   if not isinstance(class_name, str) or not isinstance(module, (str, type(None))):
     raise _refuse(source, where, "an object", "class_name/module are not strings")
   label = f"{module}.{class_name}" if module else class_name
   if class_name in _REASONS:
-    raise _refuse(source, where, label, _REASONS[class_name])
+    return f"{label} at {where}: {_REASONS[class_name]}"
   if module is not None and module != "keras" and not module.startswith("keras."):
-    raise _refuse(
-      source,
-      where,
-      label,
-      f"module {clip(module)} is outside Keras; Keras would import it (custom code)",
-    )
+    return f"{label} at {where}: module {clip(module)} is outside Keras; Keras would import it (custom code)"
   registered = node.get("registered_name")
   if registered is not None and not (
     registered == class_name and (module, class_name) in _REGISTERED_BUILTINS
   ):
-    raise _refuse(
-      source,
-      where,
-      label,
-      f"registered_name {clip(registered)} marks a custom "
-      "(user-registered) object, whose code is not in Keras",
+    return (
+      f"{label} at {where}: registered_name {clip(registered)} marks a custom "
+      "(user-registered) object, whose code is not in Keras"
     )
   allowed = ALLOWED.get(module, frozenset()) if module else _ALLOWED_WITHOUT_MODULE
   if class_name not in allowed:
-    raise _refuse(
-      source,
-      where,
-      label,
-      "not on the converter's allow-list of built-in "
-      "Keras layers, initializers, optimizers, losses and metrics",
+    return (
+      f"{label} at {where}: not on the converter's allow-list of built-in "
+      "Keras layers, initializers, optimizers, losses and metrics"
     )
   if class_name.endswith("DTypePolicy"):
     inner = node.get("config")
@@ -359,6 +377,7 @@ def _check_object(node: dict[str, Any], source: str, where: str) -> None:
         f"dtype policy {clip(policy)}",
         "only float policies are supported (not quantized ones)",
       )
+  return None
 
 
 def owner_path(layer: str) -> str:
@@ -370,32 +389,42 @@ def owner_path(layer: str) -> str:
 def variable_names(class_name: str, config: dict[str, Any] | None) -> tuple[str, ...]:
   """The variables a layer owns, in Keras's order (``vars/0..n``), given its config.
 
-  ``use_bias=False`` drops ``bias``; BatchNormalization/LayerNormalization's ``center=False``
-  drops ``beta`` and ``scale=False`` drops ``gamma``. Without a config, Keras's defaults.
+  The layer registry says (``use_bias=False`` drops ``bias``, an LSTM's are ``cell/kernel``,
+  ...); without a config, Keras's defaults.
+
+  Raises:
+    ConversionError: if the config is malformed for its class.
   """
-  names = LAYER_VARIABLES.get(class_name, ())
-  config = config or {}
-  dropped = set()
-  if config.get("use_bias") is False:
-    dropped.add("bias")
-  if config.get("center") is False:
-    dropped.add("beta")
-  if config.get("scale") is False:
-    dropped.add("gamma")
-  return tuple(n for n in names if n not in dropped)
+  cls = LAYERS.get(class_name)
+  if cls is None:
+    return LAYER_VARIABLES.get(class_name, ())
+  try:
+    return tuple(cls.variables(config or {}))
+  except ConversionError:
+    raise
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ConversionError(f"a {class_name} config: {type(e).__name__}: {clip(e)}") from None
 
 
-def trainable_names(class_name: str, names: tuple[str, ...], trainable: bool) -> tuple[str, ...]:
+def trainable_names(
+  class_name: str,
+  names: tuple[str, ...],
+  trainable: bool,
+  config: dict[str, Any] | None = None,
+) -> tuple[str, ...]:
   """The variables among ``names`` that get optimizer slots.
 
-  None of a frozen layer's; never BatchNormalization's moving statistics (Keras creates them
-  with ``trainable=False``, ``keras/src/layers/normalization/batch_normalization.py``).
+  None of a frozen layer's; never those Keras creates with ``trainable=False`` (BatchNorm's
+  moving statistics, Normalization's mean and variance: the registry's ``non_trainable``).
   """
   if not trainable:
     return ()
-  if class_name == "BatchNormalization":
-    return tuple(n for n in names if n not in ("moving_mean", "moving_variance"))
-  return names
+  cls = LAYERS.get(class_name)
+  if cls is not None:
+    frozen = cls.non_trainable(config or {})
+  else:
+    frozen = {"moving_mean", "moving_variance"} if class_name == "BatchNormalization" else set()
+  return tuple(n for n in names if n not in frozen)
 
 
 def parse_model_config(config: Any, source: str, *, check: bool = True) -> ModelSpec:
@@ -426,12 +455,14 @@ def parse_model_config(config: Any, source: str, *, check: bool = True) -> Model
   saved: list[LayerSpec] = []
   submodels: set[str] = set()
   _walk_model(config, "", True, source, "$", saved, submodels)
-  optimizer = None
+  optimizer, other = None, None
   compile_config = config.get("compile_config")
   if isinstance(compile_config, dict) and compile_config.get("optimizer") is not None:
-    optimizer = parse_optimizer_config(
-      compile_config["optimizer"], source, where="$.compile_config.optimizer"
-    )
+    other = other_optimizer(compile_config["optimizer"])
+    if other is None:
+      optimizer = parse_optimizer_config(
+        compile_config["optimizer"], source, where="$.compile_config.optimizer"
+      )
   inner = config.get("config") or {}
   return ModelSpec(
     name=str(inner.get("name", "")),
@@ -440,6 +471,7 @@ def parse_model_config(config: Any, source: str, *, check: bool = True) -> Model
     submodels=tuple(s for s in saved if s.path in submodels),
     saved=tuple(saved),
     optimizer=optimizer,
+    other_optimizer=other,
   )
 
 
@@ -486,6 +518,17 @@ def _walk_model(
     if spec.class_name in _MODELS:
       submodels.add(spec.path)
       _walk_model(entry, spec.path + "/", spec.trainable, source, here, saved, submodels)
+
+
+def other_optimizer(optimizer: Any) -> str | None:
+  """The class name if a compiled optimizer config is a Keras built-in other than Adam/AdamW."""
+  if isinstance(optimizer, str):
+    name = {"sgd": "SGD", "rmsprop": "RMSprop"}.get(optimizer.lower(), optimizer.capitalize())
+  elif isinstance(optimizer, dict):
+    name = str(optimizer.get("class_name")).removeprefix("Custom>")
+  else:
+    return None
+  return name if name in OTHER_OPTIMIZERS else None
 
 
 def parse_optimizer_config(optimizer: Any, source: str, where: str = "$") -> OptimizerSpec:

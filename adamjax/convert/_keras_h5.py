@@ -108,18 +108,28 @@ def _positional(owner: str, entry: _Owner, source: str) -> list[np.ndarray]:
 def _layers_from_config(
   owners: dict[str, _Owner], spec: ModelSpec, source: str
 ) -> list[KerasLayer]:
-  layers = []
+  layers, known = [], {owner_path(ls.path) for ls in (*spec.layers, *spec.submodels)}
   for ls in spec.layers:
     owner = owner_path(ls.path)
     entry = owners.get(owner, _Owner(None, {}))
-    values = _positional(owner, entry, source)
     names = _keras_config.variable_names(ls.class_name, ls.config)
-    if len(values) != len(names):
-      raise ConversionError(
-        f"{source}: layer {ls.path} ({ls.class_name} {clip(ls.name)}) has {len(values)} "
-        f"variables in the file but {len(names)} by its config {list(names)}: the "
-        "config does not describe this file"
-      )
+    # Variables of sub-layers (``cell/kernel``) live in the sub-layer's own group
+    # (``layers/lstm/cell/vars``), each group numbered from 0 in the layer's order.
+    groups: dict[str, list[str]] = {}
+    for name in names:
+      groups.setdefault(name.rpartition("/")[0], []).append(name)
+    weights = {}
+    for sub, members in {"": [], **groups}.items():
+      group = f"{owner}/{sub}" if sub else owner
+      known.add(group)
+      values = _positional(group, owners.get(group, _Owner(None, {})), source)
+      if len(values) != len(members):
+        raise ConversionError(
+          f"{source}: layer {ls.path} ({ls.class_name} {clip(ls.name)}) has {len(values)} "
+          f"variables in /{group}/vars but {len(members)} by its config "
+          f"{[m.rpartition('/')[2] for m in members]}: the config does not describe this file"
+        )
+      weights.update(zip(members, values, strict=True))
     if entry.name is not None and entry.name != ls.name:
       raise ConversionError(
         f"{source}: /{owner} holds layer {clip(entry.name)}, but the "
@@ -131,12 +141,11 @@ def _layers_from_config(
         KerasLayer(
           name=ls.path,
           class_name=ls.class_name,
-          weights=dict(zip(names, values, strict=True)),
-          trainable=_keras_config.trainable_names(ls.class_name, names, ls.trainable),
+          weights={n: weights[n] for n in names},
+          trainable=_keras_config.trainable_names(ls.class_name, names, ls.trainable, ls.config),
           config=ls.config,
         )
       )
-  known = {owner_path(ls.path) for ls in (*spec.layers, *spec.submodels)}
   for owner, entry in owners.items():
     if owner.startswith("layers/") and owner not in known and entry.values:
       raise ConversionError(
@@ -231,6 +240,13 @@ def _read_optimizer(
     )
   else:
     layout = _keras_config.optimizer_slot_layout(optimizer, n)
+    unbuilt = _keras_config.optimizer_slot_layout(optimizer, 0)["total"][0]
+    if n and count == unbuilt and int(values[0]) == 0:
+      # Compiled, saved before any step: Keras builds the slots (zeros) at the first step.
+      return _unbuilt_state(optimizer, values, layers, keys), [
+        "the optimizer was compiled but never stepped (Keras builds its slots at the first "
+        "step): the Adam state starts from zero moments at iteration 0, as Keras's would"
+      ]
     if layout["total"][0] != count:
       raise ConversionError(
         f"{source}: /optimizer/vars holds {count} variables, but {optimizer.class_name} "
@@ -283,6 +299,28 @@ def _read_optimizer(
   ), notes
 
 
+def _unbuilt_state(
+  optimizer: OptimizerSpec, values: list[np.ndarray], layers: list[KerasLayer], keys: list
+) -> KerasAdamState:
+  shapes = {(layer.name, var): layer.weights[var] for layer in layers for var in layer.weights}
+  zeros = {k: np.zeros(shapes[k].shape, shapes[k].dtype) for k in keys}
+  learning_rate = None
+  if optimizer.has_learning_rate_variable and len(values) > 1:
+    lr = values[1]
+    if lr.shape != () or lr.dtype.kind != "f":
+      raise ConversionError(f"/optimizer/vars/1 (learning_rate) is {lr.dtype}{lr.shape}")
+    learning_rate = np.float32(lr)
+  return KerasAdamState(
+    class_name=optimizer.class_name,
+    config=dict(optimizer.config),
+    iterations=0,
+    learning_rate=learning_rate,
+    momentums=dict(zeros),
+    velocities=dict(zeros),
+    velocity_hats=dict(zeros) if optimizer.config.get("amsgrad") else {},
+  )
+
+
 def _checkpoint(
   owners: dict[str, _Owner],
   spec: ModelSpec | None,
@@ -294,16 +332,31 @@ def _checkpoint(
     layers = _layers_from_config(owners, spec, source)
   else:
     layers = _layers_from_names(owners, source)
-  optimizer, notes = _read_optimizer(
-    owners.get("optimizer"), layers, spec.optimizer if spec else None, source
-  )
+  dropped = spec.other_optimizer if spec else None
+  if dropped is not None:
+    optimizer, notes = (
+      None,
+      [
+        f"the model is compiled with {dropped}: its weights convert, its optimizer state is not "
+        "carried over (adamjax continues Adam and AdamW only)"
+      ],
+    )
+  else:
+    optimizer, notes = _read_optimizer(
+      owners.get("optimizer"), layers, spec.optimizer if spec else None, source
+    )
   ignored = sorted(
     o for o, e in owners.items() if e.values and o != "optimizer" and not o.startswith("layers/")
   )
   if ignored:
     notes.append(f"ignored variables outside the layers and the optimizer: {ignored}")
   return KerasCheckpoint(
-    format=fmt, layers=layers, optimizer=optimizer, model_config=model_config, notes=tuple(notes)
+    format=fmt,
+    layers=layers,
+    optimizer=optimizer,
+    model_config=model_config,
+    notes=tuple(notes),
+    dropped_optimizer=dropped,
   )
 
 

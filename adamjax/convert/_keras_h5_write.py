@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from adamjax.convert import _keras_config
-from adamjax.convert._ir import LAYER_VARIABLES, ConversionError, KerasCheckpoint, snake_case
+from adamjax.convert._ir import ConversionError, KerasCheckpoint, snake_case
 from adamjax.convert._keras_config import ModelSpec, owner_path
 from adamjax.convert._safe_io import _h5py, atomic_output
 
@@ -33,15 +33,25 @@ from adamjax.convert._safe_io import _h5py, atomic_output
 KERAS_VERSION = "3.15.1"
 
 
-def _ordered_weights(layer: Any, config: dict[str, Any] | None) -> list[np.ndarray]:
+def _ordered_weights(layer: Any, config: dict[str, Any] | None) -> dict[str, list[np.ndarray]]:
+  """Sub-group (``""`` for the layer's own, ``"cell"`` for an RNN's cell) -> values in order."""
   names = _keras_config.variable_names(layer.class_name, config or layer.config)
-  if layer.class_name not in LAYER_VARIABLES or set(names) != set(layer.weights):
+  if not names or set(names) != set(layer.weights):
     raise ConversionError(
       f"layer {layer.name!r} ({layer.class_name}) has variables "
       f"{list(layer.weights)}; Keras's {layer.class_name} has "
       f"{list(names)}"
     )
-  return [np.asarray(layer.weights[n]) for n in names]
+  groups: dict[str, list[np.ndarray]] = {"": []}
+  for n in names:
+    groups.setdefault(n.rpartition("/")[0], []).append(np.asarray(layer.weights[n]))
+  return groups
+
+
+def _layer_groups(path: str, name: str, groups: dict[str, list[np.ndarray]]):
+  for sub, values in groups.items():
+    group = owner_path(path) + (f"/{sub}" if sub else "")
+    yield group + "/vars", name if not sub else sub.rsplit("/", 1)[-1], values
 
 
 def _groups(
@@ -50,12 +60,11 @@ def _groups(
   """``(vars group, name attribute, values)`` for the model, in the order Keras writes them."""
   if spec is None:
     return [
-      (
-        owner_path(layer.name) + "/vars",
-        layer.name.rsplit("/", 1)[-1],
-        _ordered_weights(layer, None),
-      )
+      group
       for layer in ckpt.layers
+      for group in _layer_groups(
+        layer.name, layer.name.rsplit("/", 1)[-1], _ordered_weights(layer, None)
+      )
     ]
   expected = [s.path for s in spec.layers if _keras_config.variable_names(s.class_name, s.config)]
   if [layer.name for layer in ckpt.layers] != expected:
@@ -67,16 +76,18 @@ def _groups(
   out = [("vars", spec.name, [])]
   for s in spec.saved:
     layer = by_name.get(s.path)
-    values = _ordered_weights(layer, s.config) if layer is not None else []
+    groups = _ordered_weights(layer, s.config) if layer is not None else {"": []}
     if layer is not None:
-      trainable = _keras_config.trainable_names(s.class_name, tuple(layer.weights), s.trainable)
+      trainable = _keras_config.trainable_names(
+        s.class_name, tuple(layer.weights), s.trainable, s.config
+      )
       if set(trainable) != set(layer.trainable):
         raise ConversionError(
           f"layer {s.path!r}: the checkpoint has {sorted(layer.trainable)} trainable, "
           f"the model config {sorted(trainable)}; Keras would pair the optimizer's "
           "slots with other variables"
         )
-    out.append((owner_path(s.path) + "/vars", s.name, values))
+    out.extend(_layer_groups(s.path, s.name, groups))
   return out
 
 

@@ -84,7 +84,7 @@ def _layers(
           ls.path,
           ls.class_name,
           {n: weights[n] for n in names},
-          _keras_config.trainable_names(ls.class_name, names, ls.trainable),
+          _keras_config.trainable_names(ls.class_name, names, ls.trainable, ls.config),
           ls.config,
         )
       )

@@ -1,0 +1,536 @@
+"""A Keras model config as an NNX module: Sequential and Functional graphs over the layer registry.
+
+:class:`KerasModel` is built from a checked config (``config.json``, or a tf-keras ``model_config``)
+and the file's arrays. Each Keras layer becomes an attribute named as the converter names it
+(Keras's class-based names, ``dense``, ``dense_1``; nested models are nested modules), so the
+module's state paths are the checkpoint's layer paths and weights and Adam slots map 1:1.
+
+Calling it runs the graph as ``keras/src/models/functional.py`` does: every node of the config in
+order of its inputs, masks carried from layer to layer (``keras/src/layers/layer.py``
+``__call__``: one tensor argument gets ``mask=``, several get ``<name>_mask=``; only layers that
+support masking pass a mask on), floating inputs cast to each layer's compute dtype (mixed
+precision), and a node's own ``training`` argument (``base(x, training=False)``) overriding the
+model's. Nothing from the config is executed: it is data walked by this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adamjax.convert._ir import ConversionError, class_layer_names
+from adamjax.convert._safe_io import clip
+from adamjax.convert.layers import LAYERS, _regularizers
+
+MODELS = frozenset({"Sequential", "Functional", "Model"})
+_MAX_NODES = 100_000
+
+
+def unsupported_layers(config: Any, prefix: str = "") -> list[str]:
+  """``"path (ClassName)"`` for every layer of a (checked) model config the registry lacks."""
+  found = []
+  inner = config.get("config") if isinstance(config, dict) else None
+  entries = inner.get("layers") if isinstance(inner, dict) else None
+  if not isinstance(entries, list):
+    return found
+  for entry, name in zip(entries, _names(config), strict=True):
+    class_name = entry.get("class_name")
+    if class_name in MODELS:
+      found += unsupported_layers(entry, f"{prefix}{name}/")
+    elif class_name != "InputLayer" and class_name not in LAYERS:
+      found.append(f"{prefix}{name} ({clip(class_name, 60)})")
+  return found
+
+
+def _names(config: dict[str, Any]) -> list[str | None]:
+  """The converter's name of each entry of ``config.layers`` (None for a Sequential's input)."""
+  entries = config["config"]["layers"]
+  skip = (
+    config["class_name"] == "Sequential"
+    and entries
+    and entries[0].get("class_name") == ("InputLayer")
+  )
+  names = class_layer_names([e.get("class_name") for e in entries[1 if skip else 0 :]])
+  return ([None] if skip else []) + names
+
+
+def _freeze(x: Any) -> Any:
+  """JSON data as hashable tuples (static module attributes must be hashable)."""
+  if isinstance(x, dict):
+    return ("__dict__", tuple((k, _freeze(v)) for k, v in x.items()))
+  if isinstance(x, list):
+    return tuple(_freeze(v) for v in x)
+  return x
+
+
+def _thaw(x: Any) -> Any:
+  if isinstance(x, tuple) and x[:1] == ("__dict__",):
+    return {k: _thaw(v) for k, v in x[1]}
+  if isinstance(x, tuple):
+    return [_thaw(v) for v in x]
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+  """A Keras tensor in a node's arguments: output ``tensor`` of node ``node`` of ``layer``."""
+
+  layer: str
+  node: int
+  tensor: int
+
+
+def _refs(x: Any, where: str) -> Any:
+  """A node's ``args``/``kwargs`` with each ``__keras_tensor__`` (Keras 3) replaced by a _Ref."""
+  if isinstance(x, dict) and x.get("class_name") == "__keras_tensor__":
+    history = (x.get("config") or {}).get("keras_history")
+    if (
+      not isinstance(history, list)
+      or len(history) != 3
+      or not isinstance(history[0], str)
+      or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in history[1:])
+    ):
+      raise ConversionError(f"{where}: a Keras tensor with keras_history {clip(history)}")
+    return _Ref(*history)
+  if isinstance(x, dict):
+    return {k: _refs(v, where) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_refs(v, where) for v in x]
+  return x
+
+
+def _nodes(entry: dict[str, Any], where: str) -> list[tuple[Any, dict[str, Any]]]:
+  """A layer's inbound nodes as ``(args, kwargs)`` with _Refs: Keras 3's ``{"args", "kwargs"}``
+  or tf-keras's ``[[layer, node, tensor, kwargs], ...]`` (one positional argument per node:
+  the tensor, or the list of tensors)."""
+  nodes = entry.get("inbound_nodes") or []
+  if not isinstance(nodes, list):
+    raise ConversionError(f"{where}.inbound_nodes is not a list")
+  out = []
+  for i, node in enumerate(nodes):
+    here = f"{where}.inbound_nodes[{i}]"
+    if isinstance(node, dict):
+      args, kwargs = _refs(node.get("args", []), here), _refs(node.get("kwargs") or {}, here)
+      if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ConversionError(f"{here} is not {{args: [...], kwargs: {{...}}}}")
+      out.append((args, kwargs))
+      continue
+    if not isinstance(node, list) or not node:
+      raise ConversionError(f"{here} is not a Keras node")
+    refs, kwargs = [], {}
+    for item in node:
+      if not (
+        isinstance(item, list)
+        and len(item) in (3, 4)
+        and isinstance(item[0], str)
+        and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in item[1:3])
+      ):
+        raise ConversionError(f"{here}: {clip(item)} is not [layer, node, tensor, kwargs]")
+      refs.append(_Ref(*item[:3]))
+      if len(item) == 4 and isinstance(item[3], dict):
+        kwargs = _refs(item[3], here)
+    out.append(([refs[0] if len(refs) == 1 else refs], kwargs))
+  return out
+
+
+def _io_refs(value: Any, where: str) -> list[_Ref]:
+  """``input_layers``/``output_layers``: one ``[name, node, tensor]`` or a list (or dict) of them."""
+  if isinstance(value, dict):
+    value = list(value.values())
+  if isinstance(value, list) and value and isinstance(value[0], str):
+    value = [value]
+  if not isinstance(value, list) or not value:
+    raise ConversionError(f"{where} is not a list of [layer, node, tensor]")
+  refs = []
+  for item in value:
+    if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)):
+      raise ConversionError(f"{where}: {clip(item)} is not [layer, node, tensor]")
+    refs.append(_Ref(*item))
+  return refs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Graph:
+  """The static part of a model: which attribute runs which node on what.
+
+  ``steps`` is ``(attribute, node index, frozen args, frozen kwargs)`` for every node, in an
+  order where each node's inputs come first; ``inputs``/``outputs`` are (layer, node, tensor).
+  """
+
+  sequential: bool
+  inputs: tuple[tuple[str, int, int], ...]
+  input_dtypes: tuple[str | None, ...]
+  outputs: tuple[tuple[str, int, int], ...]
+  single_output: bool
+  steps: tuple[tuple[str, str, int, Any, Any], ...]
+  attributes: tuple[str, ...]
+
+
+def _flatten_refs(x: Any) -> list[_Ref]:
+  if isinstance(x, _Ref):
+    return [x]
+  if isinstance(x, dict):
+    return [r for v in x.values() for r in _flatten_refs(v)]
+  if isinstance(x, list):
+    return [r for v in x for r in _flatten_refs(v)]
+  return []
+
+
+class KerasModel(nnx.Module):
+  """A Keras Sequential or Functional model as an NNX module (see the module docstring).
+
+  Args:
+    config: The model's config as JSON data, ``{"class_name": ..., "config": {...}}``, already
+      checked against the allow-list (:func:`adamjax.convert._keras_config.check_config`).
+    weights: Layer path (``dense_1``, ``sequential/conv2d``) -> Keras variable name -> array.
+    source: The file, for messages.
+    prefix: This model's path below the root model (``sequential/``), for nested models.
+  """
+
+  def __init__(
+    self,
+    config: dict[str, Any],
+    weights: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    source: str = "the model config",
+    prefix: str = "",
+  ):
+    inner = config.get("config")
+    entries = inner.get("layers") if isinstance(inner, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+      raise ConversionError(f"{source}: the model {prefix or '$'} has no list of layers")
+    missing = unsupported_layers(config, prefix)
+    if missing and not prefix:
+      raise ConversionError(
+        f"{source}: {len(missing)} layer(s) of classes the converter does not build: "
+        + ", ".join(missing)
+      )
+    names = _names(config)
+    by_user_name, attributes = {}, []
+    input_dtypes: dict[str, str | None] = {}
+    for i, (entry, name) in enumerate(zip(entries, names, strict=True)):
+      where = f"{source}: layer {prefix}{name or entry.get('name')}"
+      layer_config = entry.get("config")
+      if not isinstance(layer_config, dict):
+        raise ConversionError(f"{where}: its config is not an object")
+      user_name = entry.get("name", layer_config.get("name"))
+      if not isinstance(user_name, str) or user_name in by_user_name:
+        raise ConversionError(f"{where}: missing or repeated layer name {clip(user_name)}")
+      if entry.get("class_name") == "InputLayer":
+        by_user_name[user_name] = None
+        dtype = layer_config.get("dtype")
+        input_dtypes[user_name] = dtype if isinstance(dtype, str) else None
+        continue
+      by_user_name[user_name] = name
+      attributes.append(name)
+      class_name = entry["class_name"]
+      try:
+        if class_name in MODELS:
+          module = KerasModel(entry, weights, source=source, prefix=f"{prefix}{name}/")
+        else:
+          cls = LAYERS[class_name]
+          owned = weights.get(prefix + name, {})
+          expected = cls.variables(layer_config)
+          if set(owned) != set(expected):
+            raise ConversionError(
+              f"has variables {sorted(owned)} but a {class_name} with this config has "
+              f"{list(expected)}"
+            )
+          module = cls(layer_config, owned)
+      except ConversionError as e:
+        if source in str(e):
+          raise
+        raise ConversionError(f"{where} ({class_name}): {e}") from None
+      except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise ConversionError(
+          f"{where} ({class_name}): {type(e).__name__}: {clip(e, 300)}"
+        ) from None
+      setattr(self, name, module)
+      del i
+    self.graph = self._graph(config, entries, names, by_user_name, input_dtypes, source, prefix)
+
+  @staticmethod
+  def _graph(config, entries, names, by_user_name, input_dtypes, source, prefix) -> _Graph:
+    where = f"{source}: model {prefix or '$'}"
+    if config["class_name"] == "Sequential":
+      first = entries[0] if entries else {}
+      dtype = (
+        (first.get("config") or {}).get("dtype")
+        if first.get("class_name") == ("InputLayer")
+        else None
+      )
+      steps = tuple((n, "", 0, (), ()) for n in names if n is not None)
+      attributes = tuple(n for n in names if n is not None)
+      return _Graph(
+        True, (), (dtype if isinstance(dtype, str) else None,), (), True, steps, attributes
+      )
+    inner = config["config"]
+    inputs = _io_refs(inner.get("input_layers"), f"{where}.input_layers")
+    outputs = _io_refs(inner.get("output_layers"), f"{where}.output_layers")
+    nodes = {}
+    for entry in entries:
+      user_name = entry.get("name", entry["config"].get("name"))
+      if by_user_name[user_name] is not None:
+        nodes[user_name] = _nodes(entry, f"{where} layer {clip(user_name)}")
+    if sum(len(n) for n in nodes.values()) > _MAX_NODES:
+      raise ConversionError(f"{where} has more than {_MAX_NODES} nodes")
+    # Order the nodes so that every node's inputs are computed before it (depth-first from the
+    # outputs, refusing cycles and references to layers or nodes the config does not have).
+    order, state = [], {}
+
+    def visit(ref: _Ref, trail: tuple) -> None:
+      if ref.layer not in by_user_name:
+        raise ConversionError(
+          f"{where}: a node refers to layer {clip(ref.layer)}, not in the model"
+        )
+      if by_user_name[ref.layer] is None:
+        if ref.node != 0 or ref.tensor != 0:
+          raise ConversionError(f"{where}: input {clip(ref.layer)} has no node {ref.node}")
+        return
+      key = (ref.layer, ref.node)
+      if state.get(key) == "done":
+        return
+      if state.get(key) == "active":
+        raise ConversionError(f"{where}: the graph has a cycle through layer {clip(ref.layer)}")
+      if ref.node >= len(nodes[ref.layer]):
+        raise ConversionError(f"{where}: layer {clip(ref.layer)} has no node {ref.node}")
+      state[key] = "active"
+      args, kwargs = nodes[ref.layer][ref.node]
+      stack = [(r, trail) for r in _flatten_refs([args, kwargs])]
+      for r, _ in stack:
+        visit(r, trail)
+      state[key] = "done"
+      order.append(key)
+
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))
+    try:
+      for ref in outputs:
+        visit(ref, ())
+    except RecursionError:
+      raise ConversionError(f"{where}: the graph is too deep") from None
+    finally:
+      sys.setrecursionlimit(limit)
+    steps = []
+    for user_name, node in order:
+      args, kwargs = nodes[user_name][node]
+      steps.append(
+        (by_user_name[user_name], user_name, node, _freeze_refs(args), _freeze_refs(kwargs))
+      )
+    for ref in inputs:
+      if ref.layer not in by_user_name or by_user_name[ref.layer] is not None:
+        raise ConversionError(f"{where}: input {clip(ref.layer)} is not an InputLayer")
+    return _Graph(
+      False,
+      tuple((r.layer, r.node, r.tensor) for r in inputs),
+      tuple(input_dtypes.get(r.layer) for r in inputs),
+      tuple((r.layer, r.node, r.tensor) for r in outputs),
+      len(outputs) == 1 and not isinstance(inner.get("output_layers", [[]])[0], list),
+      tuple(steps),
+      tuple(
+        by_user_name[e.get("name", e["config"].get("name"))]
+        for e in entries
+        if by_user_name[e.get("name", e["config"].get("name"))] is not None
+      ),
+    )
+
+  def __call__(self, *inputs: Any, training: bool = False, rngs: nnx.Rngs | None = None):
+    """The model's outputs for ``inputs`` (one array per Keras input), as ``model(x)`` in Keras."""
+    outputs, _, _ = self.run(list(inputs), None, training=training, rngs=rngs)
+    return outputs
+
+  def run(self, inputs: list[Any], masks: list[Any] | None, *, training: bool, rngs: Any):
+    """``(outputs, output masks, activity losses)`` for a list of inputs and their masks."""
+    g = self.graph
+    masks = masks if masks is not None else [None] * len(inputs)
+    losses: list[jax.Array] = []
+    inputs = [
+      _as_input(x, dtype) for x, dtype in zip(inputs, g.input_dtypes * len(inputs), strict=False)
+    ]
+    if g.sequential:
+      if len(inputs) != 1:
+        raise ValueError(f"a Sequential model takes one input, got {len(inputs)}")
+      x, mask = inputs[0], masks[0]
+      for name, *_ in g.steps:
+        (x,), (mask,) = self._call(name, [x], {}, [mask], {}, training, rngs, losses)
+      return x, mask, losses
+    if len(inputs) != len(g.inputs):
+      raise ValueError(f"the model takes {len(g.inputs)} inputs, got {len(inputs)}")
+    values: dict[tuple[str, int], tuple[list, list]] = {}
+    for (layer, node, _), x, m in zip(g.inputs, inputs, masks, strict=True):
+      values[layer, node] = ([x], [m])
+
+    def get(ref: _Ref) -> tuple[Any, Any]:
+      outs, out_masks = values[ref.layer, ref.node]
+      if ref.tensor >= len(outs):
+        raise ValueError(f"layer {ref.layer} node {ref.node} has no output {ref.tensor}")
+      return outs[ref.tensor], out_masks[ref.tensor]
+
+    for attr, user_name, node, args, kwargs in g.steps:
+      args, kwargs = _thaw_refs(args), _thaw_refs(kwargs)
+      arg_values = _map_refs(args, lambda r: get(r)[0])
+      arg_masks = _map_refs(args, lambda r: get(r)[1], other=None)
+      kw_values = _map_refs(kwargs, lambda r: get(r)[0])
+      kw_masks = _map_refs(kwargs, lambda r: get(r)[1], other=None)
+      values[user_name, node] = self._call(
+        attr, arg_values, kw_values, arg_masks, kw_masks, training, rngs, losses
+      )
+    outs = [get(_Ref(*ref)) for ref in g.outputs]
+    result = [o for o, _ in outs]
+    out_masks = [m for _, m in outs]
+    if g.single_output:
+      return result[0], out_masks[0], losses
+    return result, out_masks, losses
+
+  def _call(self, attr, args, kwargs, arg_masks, kw_masks, training, rngs, losses):
+    """One node: masks and dtypes as Keras's ``Layer.__call__``; returns flat outputs and masks."""
+    layer = getattr(self, attr)
+    kwargs = dict(kwargs)
+    if kwargs.get("training") is not None:
+      training = bool(kwargs["training"])
+    kwargs.pop("training", None)
+    if isinstance(layer, KerasModel):
+      mask = kwargs.pop("mask", None)
+      flat_in = args[0] if isinstance(args[0], list) else [args[0]]
+      flat_masks = arg_masks[0] if isinstance(args[0], list) else [arg_masks[0]]
+      if mask is not None:
+        flat_masks = mask if isinstance(mask, list) else [mask]
+      out, out_mask, inner = layer.run(flat_in, flat_masks, training=training, rngs=rngs)
+      losses.extend(inner)
+      return _flat_with_masks(out, out_mask)
+    compute = layer.compute_dtype
+    cast = lambda x: _autocast(x, compute)  # noqa: E731
+    args = _map_leaves(args, cast)
+    kwargs = _map_leaves(kwargs, cast)
+    # Keras's mask population: the names of the tensor arguments (positional, then keywords).
+    names = list(layer.call_args)
+    tensor_args = {}
+    for i, (a, m) in enumerate(zip(args, arg_masks, strict=True)):
+      if _has_array(a):
+        tensor_args[names[i] if i < len(names) else f"arg{i}"] = m
+    for k, v in kwargs.items():
+      if _has_array(v) and k not in ("mask",):
+        tensor_args[k] = kw_masks.get(k)
+    params = _call_parameters(type(layer))
+    if len(tensor_args) == 1 and "mask" in params and kwargs.get("mask") is None:
+      kwargs["mask"] = next(iter(tensor_args.values()))
+    elif len(tensor_args) > 1:
+      for k, m in tensor_args.items():
+        if f"{k}_mask" in params and kwargs.get(f"{k}_mask") is None:
+          kwargs[f"{k}_mask"] = m
+    previous_mask = (
+      kwargs["mask"] if kwargs.get("mask") is not None else (arg_masks[0] if arg_masks else None)
+    )
+    if "mask" not in params:
+      kwargs.pop("mask", None)
+    out = layer(*args, training=training, rngs=rngs, **kwargs)
+    if layer.activity_regularizer is not None:
+      losses.extend(
+        _regularizers.penalty(layer.activity_regularizer, o) / o.shape[0]
+        if o.ndim
+        else _regularizers.penalty(layer.activity_regularizer, o)
+        for o in jax.tree.leaves(out)
+      )
+    out_mask = (
+      layer.compute_mask(args[0] if args else None, previous_mask)
+      if (layer.supports_masking)
+      else None
+    )
+    return _flat_with_masks(out, out_mask)
+
+  def losses(self) -> list[jax.Array]:
+    """Every weight-regularizer penalty of the model's layers (Keras's ``model.losses`` without
+    the activity terms, which :meth:`run` returns with the outputs)."""
+    return [loss for layer in self.iter_layers() for loss in layer.losses()]
+
+  def apply_constraints(self) -> None:
+    """Keras's weight constraints, applied in place (after each optimizer update)."""
+    for layer in self.iter_layers():
+      layer.apply_constraints()
+
+  def iter_layers(self):
+    """Every built layer, nested models expanded, in the model's layer order."""
+    for name in self.graph.attributes:
+      layer = getattr(self, name)
+      if isinstance(layer, KerasModel):
+        yield from layer.iter_layers()
+      else:
+        yield layer
+
+
+def _call_parameters(cls: type) -> frozenset[str]:
+  return frozenset(inspect.signature(cls.__call__).parameters)
+
+
+def _has_array(x: Any) -> bool:
+  return any(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in jax.tree.leaves(x))
+
+
+def _autocast(x: Any, dtype: str) -> Any:
+  if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating):
+    return x.astype(dtype) if x.dtype != dtype else x
+  return x
+
+
+def _as_input(x: Any, dtype: str | None) -> Any:
+  x = jnp.asarray(x)
+  if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+    return x.astype(dtype)
+  return x
+
+
+def _map_leaves(x: Any, fn) -> Any:
+  if isinstance(x, list):
+    return [_map_leaves(v, fn) for v in x]
+  if isinstance(x, dict):
+    return {k: _map_leaves(v, fn) for k, v in x.items()}
+  return fn(x)
+
+
+_KEEP = object()
+
+
+def _map_refs(x: Any, fn, other: Any = _KEEP) -> Any:
+  """``x`` with each _Ref replaced by ``fn(ref)`` and other leaves kept (or set to ``other``)."""
+  if isinstance(x, _Ref):
+    return fn(x)
+  if isinstance(x, list):
+    return [_map_refs(v, fn, other) for v in x]
+  if isinstance(x, dict):
+    return {k: _map_refs(v, fn, other) for k, v in x.items()}
+  return x if other is _KEEP else other
+
+
+def _freeze_refs(x: Any) -> Any:
+  return _freeze(_map_refs(x, lambda r: {"__ref__": [r.layer, r.node, r.tensor]}))
+
+
+def _thaw_refs(x: Any) -> Any:
+  def back(v):
+    if isinstance(v, dict) and set(v) == {"__ref__"}:
+      return _Ref(*v["__ref__"])
+    if isinstance(v, dict):
+      return {k: back(w) for k, w in v.items()}
+    if isinstance(v, list):
+      return [back(w) for w in v]
+    return v
+
+  return back(_thaw(x))
+
+
+def _flat_with_masks(out: Any, mask: Any) -> tuple[list, list]:
+  """Keras's ``_set_mask_metadata``: the flat outputs, each with the flat mask at its position."""
+  flat = out if isinstance(out, (list, tuple)) else [out]
+  flat = list(flat)
+  masks = mask if isinstance(mask, (list, tuple)) else [mask]
+  masks = list(masks)[: len(flat)] + [None] * max(0, len(flat) - len(masks))
+  return flat, masks
