@@ -1,0 +1,403 @@
+"""EinsumDense, MultiHeadAttention, Attention and AdditiveAttention against Keras on the JAX backend.
+
+Every forward comparison is bit-identical: the modules run the operations Keras's JAX backend runs
+(``jnp.einsum``, ``jax.nn.dot_product_attention(implementation="xla")`` where Keras's MHA takes its
+fused path on CPU, Keras's masked Softmax otherwise), in the same order. Training-mode dropout is
+bit-identical too when the module is handed the key Keras's seed generator draws. One-step input
+gradients agree within float32 tolerance (rtol 1e-5).
+
+Keras broadcasts biases and masks by rank, so its calls run under rank promotion "allow"; each
+module is also run under this suite's strict "raise" and must give the same bits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+from flax import nnx
+from keras.src import backend as keras_backend
+
+from adamjax.convert._ir import ConversionError
+from adamjax.convert.layers import LAYERS
+from adamjax.convert.layers.einsum_dense import parse_equation
+from tests.layer_harness import build_module, run_both
+
+RNG = np.random.default_rng(0)
+
+
+def _x(*shape, dtype="float32"):
+  return RNG.standard_normal(shape).astype(dtype)
+
+
+def _randomize(layer):
+  """Random weights (biases and scales start at zeros/ones in Keras)."""
+  layer.set_weights([_x(*w.shape) for w in layer.get_weights()])
+
+
+def _compare(layer, *inputs, **kwargs):
+  """run_both under rank promotion "allow", then the module alone under "raise": equal bits."""
+  with jax.numpy_rank_promotion("allow"):
+    layer(*inputs, **kwargs)
+    _randomize(layer)
+    expected, got = run_both(layer, *inputs, **kwargs)
+  module = build_module(layer)
+  strict = jax.jit(lambda *args: module(*args, **kwargs))(*inputs)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, strict), got)
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+  return expected, got
+
+
+class _FixedKey:
+  """An rngs stand-in whose dropout stream yields Keras's key, for bit-identical dropout."""
+
+  def __init__(self, key):
+    self.key = key
+
+  def dropout(self):
+    return self.key
+
+
+def _keras_stateless(layer, *inputs, **kwargs):
+  @jax.jit
+  def call(trainable, non_trainable, *args):
+    return layer.stateless_call(trainable, non_trainable, *args, **kwargs)[0]
+
+  with jax.numpy_rank_promotion("allow"):
+    return call(
+      [v.value for v in layer.trainable_variables],
+      [v.value for v in layer.non_trainable_variables],
+      *inputs,
+    )
+
+
+def _seed_key(layer):
+  """The key Keras's (only) seed generator hands to its next dropout call."""
+  states = [v for v in layer.non_trainable_variables if "seed_generator" in v.path]
+  assert len(states) == 1, [v.path for v in layer.non_trainable_variables]
+  return jnp.asarray(states[0].value)
+
+
+def _grads_match(layer, inputs, **kwargs):
+  """d sum(out**2) / d inputs: ours against Keras's stateless_call, within float32 tolerance."""
+  module = build_module(layer)
+  graphdef, state = nnx.split(module)
+  trainable = [v.value for v in layer.trainable_variables]
+  non_trainable = [v.value for v in layer.non_trainable_variables]
+  argnums = tuple(range(len(inputs)))
+
+  def keras_loss(*args):
+    with jax.numpy_rank_promotion("allow"):
+      out = layer.stateless_call(trainable, non_trainable, *args, **kwargs)[0]
+    return jnp.sum(out**2)
+
+  def our_loss(*args):
+    return jnp.sum(nnx.merge(graphdef, state)(*args, **kwargs) ** 2)
+
+  expected = jax.jit(jax.grad(keras_loss, argnums))(*inputs)
+  got = jax.jit(jax.grad(our_loss, argnums))(*inputs)
+  jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6), got, expected)
+
+
+# ---------------------------------------------------------------- EinsumDense
+
+
+@pytest.mark.parametrize(
+  ("equation", "output_shape", "bias_axes", "shape", "activation"),
+  [
+    ("ab,bc->ac", 5, "c", (3, 4), None),
+    ("ab,bc->ac", 5, None, (3, 4), "relu"),
+    ("abc,cd->abd", (None, 5), "d", (2, 3, 4), None),
+    ("abc,cde->abde", (None, 2, 5), "de", (2, 3, 4), None),
+    ("abc,cde->abde", (None, 2, 5), "d", (2, 3, 4), None),
+    ("...b,bc->...c", 5, "c", (2, 3, 2, 4), None),
+    ("...bc,cd->...bd", (3, 5), "bd", (2, 3, 4), None),
+    ("ab...,bc->ac...", 5, "c", (2, 4, 3), None),
+    ("abcd,cde->abe", (None, 5), "e", (2, 3, 4, 6), "linear"),
+  ],
+)
+def test_einsum_dense(equation, output_shape, bias_axes, shape, activation):
+  layer = keras.layers.EinsumDense(
+    equation, output_shape=output_shape, bias_axes=bias_axes, activation=activation
+  )
+  _compare(layer, _x(*shape))
+
+
+def test_einsum_dense_gradients_and_mixed_precision():
+  layer = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 2, 5), bias_axes="de")
+  x = _x(2, 3, 4)
+  _compare(layer, x)
+  _grads_match(layer, (x,))
+  half = keras.layers.EinsumDense(
+    "abc,cd->abd", output_shape=(None, 5), bias_axes="d", dtype="mixed_bfloat16"
+  )
+  _compare(half, x.astype(jnp.bfloat16))
+  assert build_module(half).kernel[...].dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+  "equation",
+  [
+    "ab,bc->ac; import os",
+    "ab,bc->ac\n",
+    "a" * 70 + ",ab->b",
+    "ab,bc->ad",
+    "ab,bcd->ac",
+    "aab,bc->ac",
+    "a...b,bc->ac",
+    "a...,ab->b...",
+    "ab->b",
+    "AB,BC->AC ",
+    "",
+    123,
+    None,
+    ["ab,bc->ac"],
+  ],
+)
+def test_einsum_dense_refuses_bad_equations(equation):
+  with pytest.raises(ConversionError, match="equation"):
+    parse_equation(equation)
+  with pytest.raises(ConversionError, match="equation"):
+    LAYERS["EinsumDense"](
+      {"equation": equation, "output_shape": [5], "bias_axes": None},
+      {"kernel": np.zeros((4, 5), "float32")},
+    )
+
+
+def test_einsum_dense_refuses_bad_bias_axes_and_kernel():
+  kernel = {"kernel": np.zeros((4, 5), "float32"), "bias": np.zeros((5,), "float32")}
+  for bias_axes in ("z", "", 3, ["c"]):
+    with pytest.raises(ConversionError, match="bias_axes"):
+      LAYERS["EinsumDense"]({"equation": "ab,bc->ac", "bias_axes": bias_axes}, kernel)
+  with pytest.raises(ConversionError, match="kernel"):
+    LAYERS["EinsumDense"]({"equation": "abc,cd->abd"}, {"kernel": np.zeros((2, 4, 5))})
+  assert LAYERS["EinsumDense"].variables({"equation": "ab,bc->ac", "bias_axes": "c"}) == (
+    "kernel",
+    "bias",
+  )
+
+
+# ---------------------------------------------------------------- MultiHeadAttention
+
+Q, V, K = _x(2, 4, 6), _x(2, 5, 8), _x(2, 5, 7)
+SELF = _x(2, 5, 6)
+V_MASK = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+ATT_MASK = RNG.random((2, 4, 5)) > 0.3
+
+
+@pytest.mark.parametrize(
+  ("options", "inputs", "kwargs"),
+  [
+    ({}, (Q, V), {}),
+    ({"value_dim": 3, "output_shape": (3, 2)}, (Q, V, K), {}),
+    ({"use_bias": False, "output_shape": 7}, (Q, V), {}),
+    ({}, (Q, V), {"attention_mask": ATT_MASK}),
+    ({}, (Q, V, K), {"value_mask": V_MASK, "key_mask": V_MASK[::-1]}),
+    ({}, (SELF, SELF), {"use_causal_mask": True}),
+    ({}, (SELF, SELF), {"use_causal_mask": True, "value_mask": V_MASK}),
+    ({"sliding_window": 2}, (SELF, SELF), {"use_causal_mask": True}),
+    ({"sliding_window": 2}, (Q, V), {}),
+    ({}, (Q, V), {"return_attention_scores": True, "attention_mask": ATT_MASK}),
+    ({}, (SELF, SELF), {"return_attention_scores": True, "use_causal_mask": True}),
+    ({"dropout": 0.3}, (Q, V), {"value_mask": V_MASK}),
+    ({"use_gate": True}, (Q, V), {}),
+    ({"use_gate": True, "use_bias": False}, (Q, V), {"return_attention_scores": True}),
+    ({"attention_axes": (2,)}, (_x(2, 3, 4, 6), _x(2, 3, 5, 6)), {}),
+    ({"attention_axes": (1, 2)}, (_x(2, 3, 4, 6), _x(2, 2, 5, 6)), {}),
+    ({"attention_axes": (-2,)}, (_x(2, 3, 4, 6), _x(2, 3, 5, 6)), {}),
+    (
+      {"attention_axes": (1, 2)},
+      (_x(2, 3, 4, 6), _x(2, 2, 5, 6)),
+      {"attention_mask": RNG.random((2, 3, 4, 2, 5)) > 0.3},
+    ),
+  ],
+  ids=lambda v: str(v)[:40],
+)
+def test_multi_head_attention(options, inputs, kwargs):
+  layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, **options)
+  _compare(layer, *inputs, **kwargs)
+
+
+def test_multi_head_attention_variables_in_keras_order():
+  cls = LAYERS["MultiHeadAttention"]
+  assert cls.variables({}) == (
+    "query_dense/kernel",
+    "query_dense/bias",
+    "key_dense/kernel",
+    "key_dense/bias",
+    "value_dense/kernel",
+    "value_dense/bias",
+    "output_dense/kernel",
+    "output_dense/bias",
+  )
+  assert cls.variables({"use_bias": False, "use_gate": True}) == (
+    "query_dense/kernel",
+    "key_dense/kernel",
+    "_gate_dense/kernel",
+    "value_dense/kernel",
+    "output_dense/kernel",
+  )
+
+
+def test_multi_head_attention_query_mask_from_the_graph():
+  """Keras reads the query's mask from the tensor (the graph's propagated mask), not a kwarg."""
+  layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, dropout=0.1)
+  q_mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], bool)
+  with jax.numpy_rank_promotion("allow"):
+    layer(Q, V)
+    _randomize(layer)
+
+    @jax.jit
+    def keras_fn(q, v, qm, vm):
+      keras_backend.set_keras_mask(q, qm)
+      keras_backend.set_keras_mask(v, vm)
+      return layer(q, v, return_attention_scores=True)
+
+    expected = keras_fn(Q, V, q_mask, V_MASK)
+  module = build_module(layer)
+  got = jax.jit(
+    lambda q, v, qm, vm: module(q, v, query_mask=qm, value_mask=vm, return_attention_scores=True)
+  )(Q, V, q_mask, V_MASK)
+  jax.tree.map(np.testing.assert_array_equal, got, expected)
+  assert module.compute_mask([Q, V], [q_mask, V_MASK]) is q_mask
+
+
+def test_multi_head_attention_dropout_in_training():
+  layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, dropout=0.4, seed=7)
+  with jax.numpy_rank_promotion("allow"):
+    layer(Q, V)
+  _randomize(layer)
+  key = _seed_key(layer)
+  expected = _keras_stateless(layer, Q, V, value_mask=V_MASK, training=True)
+  module = build_module(layer)
+  got = jax.jit(lambda q, v: module(q, v, value_mask=V_MASK, training=True, rngs=_FixedKey(key)))(
+    Q, V
+  )
+  np.testing.assert_array_equal(got, expected)
+  assert not np.array_equal(got, module(Q, V, value_mask=V_MASK))  # dropout did something
+  with pytest.raises(ValueError, match="rngs"):
+    module(Q, V, training=True)
+  out = module(Q, V, training=True, rngs=nnx.Rngs(dropout=0))  # an nnx.Rngs works as is
+  assert out.shape == (2, 4, 6)
+
+
+@pytest.mark.parametrize(
+  ("options", "kwargs"),
+  [({}, {}), ({"dropout": 0.2, "use_gate": True}, {"attention_mask": ATT_MASK})],
+)
+def test_multi_head_attention_gradients(options, kwargs):
+  layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, **options)
+  _compare(layer, Q, V, K, **kwargs)
+  _grads_match(layer, (Q, V, K), **kwargs)
+
+
+@pytest.mark.parametrize("return_scores", [False, True])
+def test_multi_head_attention_mixed_bfloat16(return_scores):
+  layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, dtype="mixed_bfloat16")
+  q, v = Q.astype(jnp.bfloat16), V.astype(jnp.bfloat16)
+  expected, _ = _compare(
+    layer, q, v, attention_mask=ATT_MASK, return_attention_scores=return_scores
+  )
+  assert jax.tree.leaves(expected)[0].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+  ("config", "match"),
+  [
+    ({"num_heads": 0, "key_dim": 3}, "num_heads"),
+    ({"num_heads": 2, "key_dim": "3"}, "key_dim"),
+    ({"num_heads": 2, "key_dim": 3, "dropout": 2.0}, "dropout"),
+    ({"num_heads": 2, "key_dim": 3, "attention_axes": "1"}, "attention_axes"),
+    ({"num_heads": 2, "key_dim": 3, "output_shape": [0]}, "output_shape"),
+    ({"num_heads": 2, "key_dim": 3, "sliding_window": -1}, "sliding_window"),
+    ({"num_heads": 2, "key_dim": 4}, "query_dense kernel"),
+  ],
+)
+def test_multi_head_attention_refuses_bad_config(config, match):
+  layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3)
+  with jax.numpy_rank_promotion("allow"):
+    layer(Q, V)
+  cls = LAYERS["MultiHeadAttention"]
+  weights = dict(zip(cls.variables({}), [np.asarray(w) for w in layer.weights], strict=True))
+  with pytest.raises(ConversionError, match=match):
+    cls(config, weights)
+
+
+# ---------------------------------------------------------------- Attention, AdditiveAttention
+
+AQ, AV, AK = _x(2, 3, 4), _x(2, 5, 4), _x(2, 5, 4)
+Q_MASK = np.array([[1, 1, 0], [1, 1, 1]], bool)
+CASES = [
+  ([AQ, AV], {}),
+  ([AQ, AV, AK], {}),
+  ([AQ, AV], {"mask": [Q_MASK, V_MASK]}),
+  ([AQ, AV, AK], {"mask": [None, V_MASK], "return_attention_scores": True}),
+  ([AQ, AV], {"use_causal_mask": True}),
+  ([AQ, AV], {"use_causal_mask": True, "mask": [Q_MASK, V_MASK]}),
+  ([AQ, AV], {"return_attention_scores": True}),
+]
+
+
+@pytest.mark.parametrize(("inputs", "kwargs"), CASES, ids=range(len(CASES)))
+@pytest.mark.parametrize(
+  "options",
+  [
+    {},
+    {"use_scale": True},
+    {"score_mode": "concat"},
+    {"score_mode": "concat", "use_scale": True, "dropout": 0.5},
+  ],
+  ids=str,
+)
+def test_attention(options, inputs, kwargs):
+  _compare(keras.layers.Attention(**options), inputs, **kwargs)
+
+
+@pytest.mark.parametrize(("inputs", "kwargs"), CASES, ids=range(len(CASES)))
+@pytest.mark.parametrize("options", [{}, {"use_scale": False}, {"dropout": 0.5}], ids=str)
+def test_additive_attention(options, inputs, kwargs):
+  _compare(keras.layers.AdditiveAttention(**options), inputs, **kwargs)
+
+
+@pytest.mark.parametrize(
+  "layer",
+  [
+    lambda: keras.layers.Attention(use_scale=True, dropout=0.5, seed=3),
+    lambda: keras.layers.Attention(score_mode="concat", dropout=0.5, seed=3),
+    lambda: keras.layers.AdditiveAttention(dropout=0.5, seed=3),
+  ],
+)
+def test_dense_attention_dropout_and_gradients(layer):
+  layer = layer()
+  mask = [Q_MASK, V_MASK]
+  with jax.numpy_rank_promotion("allow"):
+    layer([AQ, AV], mask=mask)
+  _randomize(layer)
+  key = _seed_key(layer)
+  expected = _keras_stateless(layer, [AQ, AV], mask=mask, training=True)
+  module = build_module(layer)
+  got = jax.jit(lambda q, v: module([q, v], mask=mask, training=True, rngs=_FixedKey(key)))(AQ, AV)
+  np.testing.assert_array_equal(got, expected)
+  with pytest.raises(ValueError, match="rngs"):
+    module([AQ, AV], training=True)
+  assert module.compute_mask([AQ, AV], mask) is Q_MASK
+  assert module.compute_mask([AQ, AV], None) is None
+  _grads_match(layer, ([AQ, AV, AK],), mask=mask)
+
+
+def test_dense_attention_mixed_bfloat16_and_bad_config():
+  for cls in (keras.layers.Attention, keras.layers.AdditiveAttention):
+    layer = cls(use_scale=True, dtype="mixed_bfloat16")
+    expected, _ = _compare(
+      layer, [AQ.astype(jnp.bfloat16), AV.astype(jnp.bfloat16)], mask=[Q_MASK, V_MASK]
+    )
+    assert expected.dtype == jnp.bfloat16
+  with pytest.raises(ConversionError, match="score_mode"):
+    LAYERS["Attention"]({"score_mode": "general"}, {})
+  with pytest.raises(ConversionError, match="use_scale"):
+    LAYERS["AdditiveAttention"]({"use_scale": "yes"}, {"scale": np.ones(4, "float32")})
+  module = LAYERS["Attention"]({}, {})
+  with pytest.raises(ValueError, match="list"):
+    module(AQ)
