@@ -441,8 +441,8 @@ MALICIOUS_CONFIGS = {
     _insert_layer(
       {
         "module": "keras.layers",
-        "class_name": "LSTM",
-        "config": {"name": "lstm"},
+        "class_name": "ConvLSTM2D",
+        "config": {"name": "conv_lstm2d"},
         "registered_name": None,
       }
     ),
