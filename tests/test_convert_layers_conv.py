@@ -115,6 +115,11 @@ GRAD = [
   "dw2d-cf-same",
   "sep1d-same-s2-m2",
   "sep2d-cf-d2-m2",
+  "max2d-same-s2",
+  "avg2d-same-s2",
+  "avg3d-cf",
+  "gmax2d-keep",
+  "gavg3d-cf-keep",
 ]
 
 CLASSES = (
@@ -154,9 +159,10 @@ def test_bit_identical_to_keras_jax(make, shape):
   np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize(("make", "shape"), params(CONV, GRAD))
+@pytest.mark.parametrize(("make", "shape"), params(CONV + POOL, GRAD))
 def test_gradients_match_keras(make, shape):
-  """d sum(out**2) / d (inputs, every weight), ours against Keras's stateless_call."""
+  """d sum(out**2) / d (inputs, every weight), ours against Keras's stateless_call. Measured
+  bit-identical on CPU; the tolerance is float32's, as the converter promises no more."""
   layer, x = built(make, shape, seed=1)
   config = layer.get_config()
   cls = LAYERS[type(layer).__name__]
@@ -282,3 +288,18 @@ def test_bad_config_is_refused_with_the_option_named(class_name, change, named):
   with pytest.raises(ConversionError, match=named):
     cls = LAYERS[class_name]
     cls(config, {n: weights[n] for n in cls.variables(config) if n in weights})
+
+
+@pytest.mark.parametrize(
+  ("make", "shape", "wrong"),
+  [
+    pytest.param(lambda: L.Conv1D(4, 3, groups=2), (1, 6, 4), (1, 6, 6), id="conv-groups"),
+    pytest.param(lambda: L.Conv1DTranspose(4, 3), (1, 6, 4), (1, 6, 3), id="transpose"),
+    pytest.param(lambda: L.DepthwiseConv1D(3), (1, 6, 4), (1, 6, 2), id="depthwise"),
+  ],
+)
+def test_input_with_other_channels_is_refused(make, shape, wrong):
+  """Keras fixes the channel count at build; an input with another count is an error."""
+  layer, _ = built(make, shape)
+  with pytest.raises(ValueError, match="channels"):
+    build_module(layer)(jnp.zeros(wrong))

@@ -201,6 +201,11 @@ class _Conv(_Convolution):
       inputs = jnp.pad(inputs, pads, mode="constant")
       padding = "valid"
     kernel = self.cast(self.kernel[...])
+    if channels(inputs, self.data_format) != kernel.shape[-2] * self.groups:
+      raise ValueError(
+        f"input has {channels(inputs, self.data_format)} channels; the kernel takes "
+        f"{kernel.shape[-2]} per group in {self.groups} groups"
+      )
     outputs = conv(inputs, kernel, self.strides, padding, self.data_format, self.dilation_rate)
     return self.add_bias_and_activate(outputs)
 
