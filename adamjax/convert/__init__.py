@@ -182,13 +182,16 @@ def _read(
 
     tree, meta = restore_converted(path)
     like = _orbax.template(meta)
-    return to_keras_checkpoint(
-      tree,
-      like.layers,
-      optimizer=like.optimizer,
-      model_config=meta.get("model_config"),
-      fmt="adamjax",
+    config = meta.get("model_config")
+    if config is not None:  # Data from a file: checked again, as any config.
+      from adamjax.convert import _keras_config
+
+      _keras_config.check_config(config, f"{path} (model_config)")
+    ckpt = to_keras_checkpoint(
+      tree, like.layers, optimizer=like.optimizer, model_config=config, fmt="adamjax"
     )
+    ckpt.dropped_optimizer = like.dropped_optimizer
+    return ckpt
   from adamjax.convert import _tf_checkpoint
 
   if fmt == "savedmodel":

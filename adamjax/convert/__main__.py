@@ -35,7 +35,9 @@ def _describe(ckpt: convert.KerasCheckpoint) -> str:
     )
     lines.append(f"  {clip(layer.name)[1:-1]} ({clip(layer.class_name)[1:-1]}): {shapes}")
   opt = ckpt.optimizer
-  if opt is None:
+  if opt is None and ckpt.dropped_optimizer is not None:
+    lines.append(f"optimizer: {clip(ckpt.dropped_optimizer)[1:-1]} (its state is not carried over)")
+  elif opt is None:
     lines.append("optimizer: none")
   else:
     lr = "schedule or not stored" if opt.learning_rate is None else f"{opt.learning_rate:.8g}"
@@ -138,10 +140,13 @@ def _run(args: argparse.Namespace) -> None:
   if args.command == "info":
     ckpt = convert.read(args.path)
     print(_describe(ckpt))
-    if ckpt.optimizer is None:
+    if ckpt.optimizer is None and ckpt.dropped_optimizer is None:
       _orbax.check_values(ckpt)
       _orbax.flax_variables(ckpt)
       print("to-jax: not possible, the checkpoint holds no optimizer state")
+    elif ckpt.optimizer is None:
+      _orbax.converted_tree(ckpt)
+      print(f"to-jax: ready (weights only: the {ckpt.dropped_optimizer} state is not carried)")
     else:
       _orbax.converted_tree(ckpt)  # Every check to-jax makes: info passing means it works.
       print("to-jax: ready")

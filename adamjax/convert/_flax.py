@@ -20,23 +20,26 @@ import optax
 import adamjax
 from adamjax.convert._ir import ConversionError, KerasAdamState, KerasCheckpoint, KerasLayer
 from adamjax.convert._safe_io import clip
+from adamjax.convert.layers import LAYERS
 
-# Keras variable name -> Flax (NNX and Linen) variable name, per Keras layer class. Dense and Conv
-# kernels have the same layout in both (Dense (in, out), Conv HWIO): no transposes.
-FLAX_NAMES: dict[str, dict[str, str]] = {
-  "Dense": {"kernel": "kernel", "bias": "bias"},
-  "Conv1D": {"kernel": "kernel", "bias": "bias"},
-  "Conv2D": {"kernel": "kernel", "bias": "bias"},
-  "Conv3D": {"kernel": "kernel", "bias": "bias"},
-  "BatchNormalization": {
-    "gamma": "scale",
-    "beta": "bias",
-    "moving_mean": "mean",
-    "moving_variance": "var",
-  },
-  "LayerNormalization": {"gamma": "scale", "beta": "bias"},
-  "Embedding": {"embeddings": "embedding"},
-}
+
+def _flax_names() -> dict[str, dict[str, str]]:
+  names = {}
+  for class_name, cls in LAYERS.items():
+    try:
+      variables = cls.variables({})
+    except (ConversionError, ValueError, TypeError, KeyError):
+      continue  # a class whose variables depend on options it has no default for
+    if variables:
+      names[class_name] = {v: cls.flax_names.get(v, v) for v in variables}
+  return names
+
+
+# Keras variable name -> Flax (NNX and Linen) variable name, per Keras layer class with its
+# default options (from the layer registry: Flax's own names where Flax has the layer, e.g.
+# BatchNormalization's ``gamma`` is ``scale``; Keras's names otherwise). Dense and Conv kernels
+# have the same layout in both (Dense (in, out), Conv HWIO): no transposes.
+FLAX_NAMES: dict[str, dict[str, str]] = _flax_names()
 
 Path = tuple[str, ...]
 
@@ -72,21 +75,25 @@ def variable_paths(
   Raises:
     ConversionError: for a layer class or variable that has no Flax counterpart.
   """
+  from adamjax.convert.layers import LAYERS
+
   paths = {}
   for layer in layers:
-    names = FLAX_NAMES.get(layer.class_name)
-    if names is None:
+    cls = LAYERS.get(layer.class_name)
+    if cls is None:
       raise ConversionError(
         f"layer {clip(layer.name)}: Keras class {layer.class_name} has no "
-        f"Flax mapping (supported: {sorted(FLAX_NAMES)})"
+        f"Flax mapping (supported: {sorted(LAYERS)})"
       )
+    known = set(cls.variables(layer.config or {})) | set(cls.flax_names)
     for var in layer.weights:
-      if var not in names:
+      if var not in known:
         raise ConversionError(
           f"layer {clip(layer.name)} ({layer.class_name}) has a variable "
           f"{clip(var)} that Keras's {layer.class_name} does not have"
         )
-      paths[layer.name, var] = _layer_path(layer.name, layer_map) + (names[var],)
+      flax_name = cls.flax_names.get(var, var)
+      paths[layer.name, var] = _layer_path(layer.name, layer_map) + tuple(flax_name.split("/"))
   return paths
 
 

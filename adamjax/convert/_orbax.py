@@ -32,13 +32,18 @@ def flax_variables(ckpt: KerasCheckpoint) -> dict[str, dict[str, Any]]:
   """``{"params": ..., "batch_stats": ...}`` as Flax names them, built from the checkpoint alone.
 
   Module names are the Keras layer names; BatchNorm moving statistics go to ``batch_stats``
-  (NNX ``BatchStat``), every other variable to ``params`` (NNX ``Param``).
+  and the other variables Keras creates untrainable (Normalization's statistics) go to
+  ``batch_stats`` (NNX ``BatchStat``), every other variable to ``params`` (NNX ``Param``).
   """
+  from adamjax.convert.layers import LAYERS
+
   paths = _flax.variable_paths(ckpt.layers)
   out: dict[str, dict[str, Any]] = {"params": {}, "batch_stats": {}}
   for layer in ckpt.layers:
+    cls = LAYERS.get(layer.class_name)
+    stats = cls.non_trainable(layer.config or {}) if cls is not None else BATCH_STATS
     for var, value in layer.weights.items():
-      node = out["batch_stats" if var in BATCH_STATS else "params"]
+      node = out["batch_stats" if var in stats else "params"]
       *modules, leaf = paths[layer.name, var]
       for name in modules:
         node = node.setdefault(name, {})
@@ -78,6 +83,7 @@ def _layers_json(layers: list[KerasLayer]) -> list[dict[str, Any]]:
         var: [list(np.shape(v)), str(np.asarray(v).dtype)] for var, v in layer.weights.items()
       },
       "trainable": list(layer.trainable),
+      "config": layer.config,
     }
     for layer in layers
   ]
@@ -90,6 +96,7 @@ def _layers_from_json(rows: list[dict[str, Any]]) -> list[KerasLayer]:
       row["class_name"],
       {var: np.zeros(shape, dtype) for var, (shape, dtype) in row["weights"].items()},
       tuple(row["trainable"]),
+      row.get("config"),
     )
     for row in rows
   ]
@@ -98,36 +105,42 @@ def _layers_from_json(rows: list[dict[str, Any]]) -> list[KerasLayer]:
 def converted_tree(ckpt: KerasCheckpoint) -> tuple[dict[str, Any], dict[str, Any]]:
   """Everything ``to-jax`` writes, built and checked in memory: ``(tree, metadata)``.
 
-  ``tree`` is ``{"params", "batch_stats", "opt_state", "step"}``. ``info`` runs this too, so a
-  checkpoint ``info`` accepts is one ``to-jax`` converts.
+  ``tree`` is ``{"params", "batch_stats", "opt_state", "step"}``; weights only (no
+  ``opt_state``, ``step``) for a model compiled with an optimizer other than Adam/AdamW
+  (``ckpt.dropped_optimizer``). ``metadata`` holds the layers and the model's checked Keras
+  config, as data, so :func:`adamjax.convert.flax_model` rebuilds the model from the
+  directory. ``info`` runs this too, so a checkpoint ``info`` accepts is one ``to-jax``
+  converts.
 
   Raises:
-    ConversionError: if the checkpoint has no optimizer state or cannot be continued exactly
-      (an unsupported option, a value out of range, an empty or non-numeric array).
+    ConversionError: if the checkpoint has no optimizer state (and dropped none) or cannot be
+      continued exactly (an unsupported option, a value out of range, an empty or non-numeric
+      array).
   """
   check_values(ckpt)
   variables = flax_variables(ckpt)
-  tx = converted_optimizer(ckpt, variables["params"])
-  opt_state = _flax.adam_state(ckpt, tx, variables["params"])
+  tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   opt = ckpt.optimizer
-  assert opt is not None  # adam_state refused a checkpoint without one.
-  tree = {
-    "params": variables["params"],
-    "batch_stats": variables["batch_stats"],
-    "opt_state": opt_state,
-    "step": np.int32(opt.iterations),
-  }
+  if opt is not None:
+    tx = converted_optimizer(ckpt, variables["params"])
+    tree["opt_state"] = _flax.adam_state(ckpt, tx, variables["params"])
+    tree["step"] = np.int32(opt.iterations)
+  elif ckpt.dropped_optimizer is None:
+    _flax._require_optimizer(ckpt)  # Raises: no optimizer state, and none was dropped.
   meta = {
     "format": ckpt.format,
     "notes": list(ckpt.notes),
     "layers": _layers_json(ckpt.layers),
-    "optimizer": {
+    "optimizer": None
+    if opt is None
+    else {
       "class_name": opt.class_name,
       "config": opt.config,
       "learning_rate": None if opt.learning_rate is None else float(opt.learning_rate),
       "iterations": opt.iterations,
       "amsgrad": bool(opt.velocity_hats),
     },
+    "dropped_optimizer": ckpt.dropped_optimizer,
     "model_config": ckpt.model_config,
   }
   try:
@@ -237,6 +250,14 @@ def template(meta: dict[str, Any]) -> KerasCheckpoint:
   layers = _layers_from_json(meta["layers"])
   o = meta["optimizer"]
   zeros = {(layer.name, var): layer.weights[var] for layer in layers for var in layer.trainable}
+  if o is None:
+    return KerasCheckpoint(
+      meta["format"],
+      layers,
+      None,
+      meta.get("model_config"),
+      dropped_optimizer=meta.get("dropped_optimizer"),
+    )
   opt = KerasAdamState(
     o["class_name"],
     o["config"],
@@ -250,7 +271,8 @@ def template(meta: dict[str, Any]) -> KerasCheckpoint:
 
 
 def restore_converted(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads a converted checkpoint: ``({"params", "batch_stats", "opt_state", "step"}, meta)``.
+  """Reads a converted checkpoint: ``({"params", "batch_stats", "opt_state", "step"}, meta)``
+  (``opt_state`` and ``step`` only if it holds Adam state).
 
   The abstract target (tree structure, shapes, dtypes, optimizer NamedTuples) is rebuilt from
   the metadata, so the optimizer state comes back as the optimizer's own types.
@@ -261,15 +283,12 @@ def restore_converted(directory: str | os.PathLike) -> tuple[dict[str, Any], dic
   meta = read_metadata(directory)
   like = template(meta)
   variables = flax_variables(like)
-  opt_state = _flax.adam_state(
-    like, converted_optimizer(like, variables["params"]), variables["params"]
-  )
-  tree = {
-    "params": variables["params"],
-    "batch_stats": variables["batch_stats"],
-    "opt_state": opt_state,
-    "step": np.int32(0),
-  }
+  tree = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  if like.optimizer is not None:
+    tree["opt_state"] = _flax.adam_state(
+      like, converted_optimizer(like, variables["params"]), variables["params"]
+    )
+    tree["step"] = np.int32(0)
   host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=host), tree
