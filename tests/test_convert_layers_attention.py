@@ -178,6 +178,9 @@ def test_einsum_dense_refuses_bad_bias_axes_and_kernel():
       LAYERS["EinsumDense"]({"equation": "ab,bc->ac", "bias_axes": bias_axes}, kernel)
   with pytest.raises(ConversionError, match="kernel"):
     LAYERS["EinsumDense"]({"equation": "abc,cd->abd"}, {"kernel": np.zeros((2, 4, 5))})
+  for key, value in (("lora_rank", 2), ("quantization_config", {"class_name": "Int8"})):
+    with pytest.raises(ConversionError, match=key):
+      LAYERS["EinsumDense"]({"equation": "ab,bc->ac", key: value}, {"kernel": np.zeros((4, 5))})
   assert LAYERS["EinsumDense"].variables({"equation": "ab,bc->ac", "bias_axes": "c"}) == (
     "kernel",
     "bias",
@@ -223,6 +226,14 @@ ATT_MASK = RNG.random((2, 4, 5)) > 0.3
 def test_multi_head_attention(options, inputs, kwargs):
   layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, **options)
   _compare(layer, *inputs, **kwargs)
+
+
+def test_supports_masking_as_keras():
+  for name in ("EinsumDense", "MultiHeadAttention", "Attention", "AdditiveAttention"):
+    keras_layer = getattr(keras.layers, name)(
+      *{"EinsumDense": ("ab,bc->ac", 3), "MultiHeadAttention": (2, 3)}.get(name, ())
+    )
+    assert LAYERS[name].supports_masking == keras_layer.supports_masking, name
 
 
 def test_multi_head_attention_variables_in_keras_order():
@@ -298,14 +309,18 @@ def test_multi_head_attention_gradients(options, kwargs):
   _grads_match(layer, (Q, V, K), **kwargs)
 
 
-@pytest.mark.parametrize("return_scores", [False, True])
-def test_multi_head_attention_mixed_bfloat16(return_scores):
-  layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, dtype="mixed_bfloat16")
-  q, v = Q.astype(jnp.bfloat16), V.astype(jnp.bfloat16)
+@pytest.mark.parametrize(
+  ("policy", "return_scores"), [("mixed_bfloat16", False), ("mixed_float16", True)]
+)
+def test_multi_head_attention_mixed_precision(policy, return_scores):
+  """Both paths in half precision (the einsum path's masked Softmax uses -3e4 in float16)."""
+  layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, dtype=policy)
+  half = policy.removeprefix("mixed_")
+  q, v = Q.astype(half), V.astype(half)
   expected, _ = _compare(
     layer, q, v, attention_mask=ATT_MASK, return_attention_scores=return_scores
   )
-  assert jax.tree.leaves(expected)[0].dtype == jnp.bfloat16
+  assert jax.tree.leaves(expected)[0].dtype == half
 
 
 @pytest.mark.parametrize(
@@ -385,13 +400,15 @@ def test_dense_attention_dropout_and_gradients(layer):
   _grads_match(layer, ([AQ, AV, AK],), mask=mask)
 
 
-def test_dense_attention_mixed_bfloat16_and_bad_config():
-  for cls in (keras.layers.Attention, keras.layers.AdditiveAttention):
-    layer = cls(use_scale=True, dtype="mixed_bfloat16")
-    expected, _ = _compare(
-      layer, [AQ.astype(jnp.bfloat16), AV.astype(jnp.bfloat16)], mask=[Q_MASK, V_MASK]
-    )
-    assert expected.dtype == jnp.bfloat16
+def test_dense_attention_mixed_precision_and_bad_config():
+  """Attention's padding offset is 65504 in float16 and 1e9 otherwise."""
+  for cls, half in (
+    (keras.layers.Attention, "float16"),
+    (keras.layers.AdditiveAttention, "bfloat16"),
+  ):
+    layer = cls(use_scale=True, dtype=f"mixed_{half}")
+    expected, _ = _compare(layer, [AQ.astype(half), AV.astype(half)], mask=[Q_MASK, V_MASK])
+    assert expected.dtype == half
   with pytest.raises(ConversionError, match="score_mode"):
     LAYERS["Attention"]({"score_mode": "general"}, {})
   with pytest.raises(ConversionError, match="use_scale"):

@@ -91,6 +91,11 @@ class EinsumDense(Layer):
       raise ConversionError(
         f"kernel of shape {self.kernel[...].shape} does not fit equation {self.equation!r}"
       )
+    # A LoRA layer trains two factors over a frozen kernel and a quantized one stores integer
+    # kernels: neither is the plain einsum over a trainable kernel built here.
+    for key in ("lora_rank", "quantization_config"):
+      if config.get(key):
+        raise ConversionError(f"config {key} (EinsumDense LoRA/quantization) is not supported")
     self.use_bias = bias_axes is not None
     self.activation = get_activation(config.get("activation"))
 
