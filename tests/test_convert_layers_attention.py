@@ -333,6 +333,8 @@ def test_multi_head_attention_mixed_precision(policy, return_scores):
     ({"num_heads": 2, "key_dim": 3, "output_shape": [0]}, "output_shape"),
     ({"num_heads": 2, "key_dim": 3, "sliding_window": -1}, "sliding_window"),
     ({"num_heads": 2, "key_dim": 4}, "query_dense kernel"),
+    ({"num_heads": 2, "key_dim": 3, "value_dim": 4}, "value_dense kernel"),
+    ({"num_heads": 2, "key_dim": 3, "output_shape": [6, 1]}, "output_dense kernel"),
   ],
 )
 def test_multi_head_attention_refuses_bad_config(config, match):
@@ -416,3 +418,14 @@ def test_dense_attention_mixed_precision_and_bad_config():
   module = LAYERS["Attention"]({}, {})
   with pytest.raises(ValueError, match="list"):
     module(AQ)
+
+
+def test_multi_head_attention_refuses_bad_bias():
+  layer = _build(keras.layers.MultiHeadAttention(num_heads=2, key_dim=3), Q, V)
+  cls = LAYERS["MultiHeadAttention"]
+  weights = dict(zip(cls.variables({}), [np.asarray(w) for w in layer.weights], strict=True))
+  config = {"num_heads": 2, "key_dim": 3}
+  for name, match in (("key_dense/bias", "key_dense bias"), ("output_dense/bias", "output_dense")):
+    bad = dict(weights, **{name: np.zeros(7, "float32")})
+    with pytest.raises(ConversionError, match=match):
+      cls(config, bad)

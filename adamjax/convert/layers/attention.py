@@ -31,7 +31,8 @@ from adamjax.convert.layers.einsum_dense import add_bias
 # Keras's MultiHeadAttention sub-layers, as its h5 file names their groups (``_gate_dense`` has no
 # public property in Keras, so its group keeps the underscore).
 _PROJECTIONS = ("query_dense", "key_dense", "_gate_dense", "value_dense", "output_dense")
-_MAX_RANK = 12  # einsum letters: Keras's equations use 2 * rank of them
+_MAX_RANK = 12  # einsum letters: Keras's equations use at most 2 * rank of them
+_MAX_OUTPUT_DIMS = 8
 
 
 def keras_dropout(x: jax.Array, rate: float, rngs: Any) -> jax.Array:
@@ -72,6 +73,8 @@ def _positive_int(config, key, default=None) -> int:
 
 
 def _letters(n: int) -> str:
+  if n > len(string.ascii_lowercase):
+    raise ValueError(f"an einsum over {n} axes needs more than 26 letters")
   return string.ascii_lowercase[:n]
 
 
@@ -184,17 +187,29 @@ class MultiHeadAttention(Layer):
     if config.get("flash_attention"):
       raise ConversionError("config flash_attention = True is not supported")
     self.inverse_sqrt_key_dim = 1.0 / math.sqrt(float(self.key_dim))
-    for dense, last in (("query_dense", self.key_dim), ("key_dense", self.key_dim)) + (
-      ("value_dense", self.value_dim),
+    # The file's arrays against the config: (input, heads, dim) projections, an output kernel
+    # (heads, value_dim, *output_shape), biases of the kernels' output shapes.
+    expected = {
+      "query_dense": (self.num_heads, self.key_dim),
+      "key_dense": (self.num_heads, self.key_dim),
+      "value_dense": (self.num_heads, self.value_dim),
+    }
+    if self.use_gate:
+      expected["_gate_dense"] = (self.num_heads, self.value_dim)
+    for dense, heads_dim in expected.items():
+      kernel = getattr(self, dense).kernel[...].shape
+      if len(kernel) != 3 or kernel[1:] != heads_dim:
+        raise ConversionError(f"{dense} kernel of shape {kernel} does not fit num_heads, key_dim")
+      if self.use_bias and getattr(self, dense).bias[...].shape != heads_dim:
+        raise ConversionError(f"{dense} bias does not fit num_heads, key_dim")
+    kernel = self.output_dense.kernel[...].shape
+    if (
+      kernel[:2] != (self.num_heads, self.value_dim)
+      or len(kernel) > 2 + _MAX_OUTPUT_DIMS
+      or (self.output_dims is not None and len(kernel) != 2 + self.output_dims)
+      or (self.use_bias and self.output_dense.bias[...].shape != kernel[2:])
     ):
-      shape = getattr(self, dense).kernel[...].shape
-      if len(shape) != 3 or shape[1:] != (self.num_heads, last):
-        raise ConversionError(f"{dense} kernel of shape {shape} does not fit num_heads, key_dim")
-    shape = self.output_dense.kernel[...].shape
-    if shape[:2] != (self.num_heads, self.value_dim) or (
-      self.output_dims is not None and len(shape) != 2 + self.output_dims
-    ):
-      raise ConversionError(f"output_dense kernel of shape {shape} does not fit the config")
+      raise ConversionError(f"output_dense kernel of shape {kernel} does not fit the config")
 
   def _project(self, dense: str, x: jax.Array, equation: str, activation=None) -> jax.Array:
     """One of Keras's ``EinsumDense`` sub-layers."""
