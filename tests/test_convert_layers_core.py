@@ -122,9 +122,20 @@ def test_unknown_activation_is_refused():
   assert get_activation(None)(jnp.ones(2)) is not None
 
 
-@pytest.mark.parametrize("max_value", [None, 6, 6.0, 2.5])
-@pytest.mark.parametrize("negative_slope", [0.0, 0.1])
-@pytest.mark.parametrize("threshold", [0.0, 0.5])
+# Each branch of ReLU.static_call: relu, relu6 (max_value == 6), clip, leaky_relu, thresholds.
+@pytest.mark.parametrize(
+  "max_value, negative_slope, threshold",
+  [
+    (None, 0.0, 0.0),
+    (6, 0.0, 0.0),
+    (2.5, 0.0, 0.0),
+    (None, 0.1, 0.0),
+    (6.0, 0.1, 0.0),
+    (None, 0.0, 0.5),
+    (6, 0.0, 0.5),
+    (2.5, 0.1, 0.5),
+  ],
+)
 def test_relu(max_value, negative_slope, threshold):
   layer = keras.layers.ReLU(max_value=max_value, negative_slope=negative_slope, threshold=threshold)
   x = with_specials(normal(4, 8))
@@ -192,8 +203,10 @@ def test_softmax(axis, shape):
   assert_grads_match(layer, x)
 
 
-@pytest.mark.parametrize("kind", ["bool", "float", "broadcast", "all_masked"])
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(
+  "kind, dtype",
+  [("bool", "float32"), ("float", "float32"), ("broadcast", "float32"), ("all_masked", "float16")],
+)
 def test_softmax_mask(kind, dtype):
   layer = keras.layers.Softmax(dtype=dtype)
   x = normal(2, 3, 5, dtype=dtype)
@@ -217,9 +230,16 @@ def test_softmax_mask_that_does_not_broadcast():
 # ----------------------------------------------------------------------------------- core
 
 
-@pytest.mark.parametrize("mask_zero", [False, True])
-@pytest.mark.parametrize("ids_dtype", ["int32", "float32"])
-@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize(
+  "mask_zero, ids_dtype, dtype",
+  [
+    (False, "int32", "float32"),
+    (True, "int32", "float32"),
+    (True, "float32", "float32"),
+    (True, "int32", "mixed_bfloat16"),
+    (False, "float32", "mixed_float16"),
+  ],
+)
 def test_embedding(mask_zero, ids_dtype, dtype):
   layer = keras.layers.Embedding(11, 4, mask_zero=mask_zero, dtype=dtype)
   ids = jnp.asarray(RNG.integers(0, 11, size=(3, 6)), dtype=ids_dtype)
@@ -438,17 +458,21 @@ def test_merge_needs_a_list():
 # -------------------------------------------------------------------------- preprocessing
 
 
+RESCALINGS = [
+  (1 / 255, 0.0),
+  (1 / 127.5, -1),
+  ([0.5, 2.0, 1 / 3], [0.1, -0.2, 0.3]),
+  (np.array([0.5, 2.0, 1 / 3], "float64"), np.float32(0.25)),
+  (np.array([0.5, 2.0, 0.1], "float32"), 0.0),
+]
+
+
 @pytest.mark.parametrize(
-  "scale, offset",
-  [
-    (1 / 255, 0.0),
-    (1 / 127.5, -1),
-    ([0.5, 2.0, 1 / 3], [0.1, -0.2, 0.3]),
-    (np.array([0.5, 2.0, 1 / 3], "float64"), np.float32(0.25)),
-    (np.array([0.5, 2.0, 0.1], "float32"), 0.0),
-  ],
+  "scale, offset, dtype",
+  [(s, o, "float32") for s, o in RESCALINGS]
+  + [(s, o, d) for s, o in RESCALINGS[2:4] for d in ("bfloat16", "mixed_float16")]
+  + [(1 / 255, 0.0, "mixed_bfloat16")],
 )
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "mixed_float16"])
 def test_rescaling(scale, offset, dtype):
   layer = keras.layers.Rescaling(scale=scale, offset=offset, dtype=dtype)
   x = jnp.asarray(RNG.integers(0, 256, size=(2, 4, 3)), dtype="float32")
@@ -506,8 +530,9 @@ def test_normalization_adapted_with_zero_variance():
     (None, 3.0, 9.0, (4, 3)),
   ],
 )
-@pytest.mark.parametrize("invert", [False, True])
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize(
+  "invert, dtype", [(False, "float32"), (True, "float32"), (False, "float16")]
+)
 def test_normalization_given_statistics(axis, mean, variance, shape, invert, dtype):
   layer = keras.layers.Normalization(
     axis=axis, mean=mean, variance=variance, invert=invert, dtype=dtype
