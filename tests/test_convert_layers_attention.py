@@ -6,8 +6,8 @@ fused path on CPU, Keras's masked Softmax otherwise), in the same order. Trainin
 bit-identical too when the module is handed the key Keras's seed generator draws. One-step input
 gradients agree within float32 tolerance (rtol 1e-5).
 
-Keras broadcasts biases and masks by rank, so its calls run under rank promotion "allow"; each
-module is also run under this suite's strict "raise" and must give the same bits.
+Keras broadcasts biases and masks by rank, so only Keras's own ``call`` runs under rank promotion
+"allow" (``_build`` wraps it); the modules run under this suite's strict "raise".
 """
 
 from __future__ import annotations
