@@ -156,8 +156,13 @@ RESHAPING = [
       lambda method=method, fmt=fmt: L.UpSampling2D((2, 3), data_format=fmt, interpolation=method),
       (2, 2, 3, 4) if fmt == "channels_first" else (2, 3, 4, 2),
     )
-    for method in ("bilinear", "bicubic", "lanczos3", "lanczos5")
-    for fmt in ("channels_last", "channels_first")
+    for method, fmt in (
+      ("bilinear", "channels_last"),
+      ("bilinear", "channels_first"),
+      ("bicubic", "channels_last"),
+      ("lanczos3", "channels_first"),
+      ("lanczos5", "channels_last"),
+    )
   ),
   ("upsample3d", lambda: L.UpSampling3D((1, 2, 3)), (1, 2, 3, 2, 2)),
   ("upsample3d_first", lambda: L.UpSampling3D(2, data_format="channels_first"), (1, 2, 2, 3, 2)),
@@ -331,6 +336,17 @@ def test_norms_bit_identical(make, shape):
   _check_masking(layer, x)
 
 
+def test_layer_norm_positive_last_axis():
+  # axis == [ndim - 1]: Keras broadcasts gamma/beta implicitly (rank promotion, which the test
+  # configuration otherwise forbids); the module reshapes them, the same broadcast.
+  layer, x = L.LayerNormalization(axis=2), _x(2, 3, 4)
+  layer.build(x.shape)
+  _randomize(layer)
+  with jax.numpy_rank_promotion("allow"):
+    expected, _, got, _ = _both(layer, x)
+  np.testing.assert_array_equal(got, expected)
+
+
 def test_norms_mixed_bfloat16():
   for layer in (
     L.LayerNormalization(dtype="mixed_bfloat16"),
@@ -363,12 +379,18 @@ RANDOM = [
   ("gaussian_dropout", lambda: L.GaussianDropout(0.3), (4, 5)),
   ("alpha_dropout", lambda: L.AlphaDropout(0.3), (4, 6, 5)),
   ("alpha_dropout_noise_shape", lambda: L.AlphaDropout(0.3, noise_shape=(4, 1, 5)), (4, 6, 5)),
+  # Under a mixed policy the inputs arrive in the compute dtype; noise is drawn in it too.
+  ("dropout_f16", lambda: L.Dropout(0.3, dtype="mixed_float16"), (4, 5)),
+  ("gaussian_noise_bf16", lambda: L.GaussianNoise(0.3, dtype="mixed_bfloat16"), (4, 5)),
+  ("gaussian_dropout_f16", lambda: L.GaussianDropout(0.3, dtype="mixed_float16"), (4, 5)),
+  ("alpha_dropout_bf16", lambda: L.AlphaDropout(0.3, dtype="mixed_bfloat16"), (4, 5)),
 ]
 
 
 @pytest.mark.parametrize("make, shape", [c[1:] for c in RANDOM], ids=[c[0] for c in RANDOM])
 def test_random_layers_same_key_bit_identical(make, shape):
-  layer, x = make(), _x(*shape)
+  layer = make()
+  x = _x(*shape).astype(layer.compute_dtype)
   # Inference: the identity, on both sides.
   expected, _, got, _ = _both(layer, x)
   np.testing.assert_array_equal(got, expected)
@@ -376,6 +398,7 @@ def test_random_layers_same_key_bit_identical(make, shape):
   _check_masking(layer, x)
   # Training, from the same key.
   expected, _, got, _ = _both(layer, x, training=True, key=jax.random.key(7))
+  assert got.dtype == expected.dtype == x.dtype
   np.testing.assert_array_equal(got, expected)
   assert not np.array_equal(got, x)
 

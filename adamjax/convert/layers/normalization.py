@@ -155,7 +155,7 @@ class LayerNormalization(Layer):
   def __init__(self, config, weights):
     super().__init__(config, weights)
     axis = _axes(config)
-    self.axis = sorted(axis) if isinstance(axis, tuple) else [axis]
+    self.axis = tuple(sorted(axis)) if isinstance(axis, tuple) else (axis,)
     self.epsilon = _number(config, "epsilon", 1e-3)
     self.rms_scaling = _flag(config, "rms_scaling", False)
     self.has_gamma = _flag(config, "scale", True) or self.rms_scaling
@@ -164,7 +164,7 @@ class LayerNormalization(Layer):
   def __call__(self, inputs, *, training=False, mask=None, rngs=None):
     original = inputs.dtype
     x = inputs.astype(jnp.result_type(inputs.dtype, jnp.float32))
-    axis = tuple(self.axis)
+    axis = self.axis
     broadcast_shape = [1] * x.ndim
     for dim in axis:
       broadcast_shape[dim] = x.shape[dim]
