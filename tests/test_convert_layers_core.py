@@ -114,11 +114,33 @@ def test_dense_activation(activation):
   assert_grads_match(layer, x)
 
 
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: keras.layers.LeakyReLU(0.1),
+    lambda: keras.layers.ReLU(6.0),
+    lambda: keras.layers.ReLU(2.0, negative_slope=0.2, threshold=0.1),
+    lambda: keras.layers.ELU(0.5),
+    lambda: keras.layers.Softmax(),
+    lambda: keras.layers.Activation("gelu"),
+  ],
+)
+def test_dense_with_an_activation_layer(make):
+  # Dense(activation=LeakyReLU(0.1)): the config holds the layer's config as the activation.
+  layer = keras.layers.Dense(4, activation=make())
+  assert isinstance(layer.get_config()["activation"], dict)
+  x = normal(3, 5)
+  expected, got = run_both(layer, x)
+  assert_same(expected, got)
+
+
 def test_unknown_activation_is_refused():
   with pytest.raises(ConversionError, match="not a built-in Keras activation"):
     get_activation("sparsemax_custom")
   with pytest.raises(ConversionError, match="not a built-in Keras activation"):
     get_activation({"class_name": "function", "config": "relu"})
+  with pytest.raises(ConversionError, match="PReLU"):  # has weights: not an activation function
+    get_activation({"module": "keras.layers", "class_name": "PReLU", "config": {}})
   assert get_activation(None)(jnp.ones(2)) is not None
 
 

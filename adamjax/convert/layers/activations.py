@@ -9,7 +9,8 @@ the last axis), ``keras/src/backend/jax/nn.py`` (the ``jax.nn`` call each one en
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from jax import nn as jnn
 
 from adamjax.convert._ir import ConversionError
-from adamjax.convert.layers._base import Layer, option, register
+from adamjax.convert.layers._base import LAYERS, Layer, option, register
 
 
 def _mish(x: jax.Array) -> jax.Array:
@@ -52,23 +53,69 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def get_activation(name: str | None) -> Callable[[jax.Array], jax.Array]:
-  """The function of a Keras activation name (``None`` is ``linear``, as ``activations.get``)."""
+def get_activation(name: str | Mapping[str, Any] | None) -> Callable[[jax.Array], jax.Array]:
+  """The function of a Keras activation name (``None`` is ``linear``, as ``activations.get``).
+
+  Keras also takes an activation layer as a layer's ``activation`` (``Dense(activation=
+  LeakyReLU(0.1))``), serialized as its config: ReLU, LeakyReLU, ELU, Softmax and Activation
+  are accepted so, called as Keras calls a layer (inputs cast to its compute dtype).
+  """
   if name is None:
     return ACTIVATIONS["linear"]
+  if isinstance(name, Mapping) and name.get("class_name") in _LAYER_ACTIVATIONS:
+    if name.get("module") not in (None, "keras.layers") or name.get("registered_name"):
+      raise ConversionError(f"activation {name.get('class_name')!r} is not a Keras layer")
+    config = name.get("config")
+    if not isinstance(config, Mapping):
+      raise ConversionError(f"activation {name.get('class_name')} has no config")
+    return _layer_activation(name["class_name"], config)
   if not isinstance(name, str) or name not in ACTIVATIONS:
-    raise ConversionError(f"activation {name!r} is not a built-in Keras activation")
+    shown = name.get("class_name") if isinstance(name, Mapping) else name
+    raise ConversionError(f"activation {shown!r} is not a built-in Keras activation")
   return ACTIVATIONS[name]
 
 
-def _number(config, key: str, default: Any, *, optional: bool = False, minimum: float = 0.0):
-  """A non-negative real option (``None`` allowed only if ``optional``)."""
+_LAYER_ACTIVATIONS = ("ReLU", "LeakyReLU", "ELU", "Softmax", "Activation")
+
+
+def _layer_activation(class_name: str, config: Mapping[str, Any]) -> Callable:
+  layer = LAYERS[class_name](config, {})
+  if class_name == "ReLU":
+    fn = functools.partial(
+      relu,
+      negative_slope=layer.negative_slope,
+      max_value=layer.max_value,
+      threshold=layer.threshold,
+    )
+  elif class_name == "LeakyReLU":
+    fn = functools.partial(jnn.leaky_relu, negative_slope=layer.negative_slope)
+  elif class_name == "ELU":
+    fn = functools.partial(jnn.elu, alpha=layer.alpha)
+  elif class_name == "Softmax":
+    fn = functools.partial(_softmax, axis=layer.axis)
+  else:
+    fn = layer.activation
+  compute = jnp.dtype(layer.compute_dtype)
+
+  def activation(x):
+    # Layer.__call__: floating inputs are cast to the activation layer's own compute dtype.
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != compute:
+      x = x.astype(compute)
+    return fn(x)
+
+  return activation
+
+
+def _number(config, key: str, default: Any, *, optional: bool = False, signed: bool = False):
+  """A real option, non-negative unless ``signed`` (``None`` allowed only if ``optional``)."""
   value = config.get(key, default)
   if value is None and optional:
     return None
-  if not isinstance(value, Real) or isinstance(value, bool) or not value >= minimum:
-    raise ConversionError(f"config {key} = {value!r} is not a number >= {minimum}")
-  return float(value) if isinstance(value, float) else value
+  if not isinstance(value, Real) or isinstance(value, bool) or value != value:
+    raise ConversionError(f"config {key} = {value!r} is not a number")
+  if not signed and value < 0:
+    raise ConversionError(f"config {key} = {value!r} is negative")
+  return value
 
 
 def relu(x: jax.Array, negative_slope=0.0, max_value=None, threshold=0.0) -> jax.Array:
@@ -151,7 +198,7 @@ class ELU(Layer):
 
   def __init__(self, config, weights):
     super().__init__(config, weights)
-    self.alpha = _number(config, "alpha", 1.0, minimum=-float("inf"))
+    self.alpha = _number(config, "alpha", 1.0, signed=True)
 
   def __call__(self, inputs, *, training=False, mask=None, rngs=None):
     return jnn.elu(inputs, alpha=self.alpha)
@@ -185,6 +232,13 @@ class PReLU(Layer):
     alpha = jnp.reshape(alpha, (1,) * (inputs.ndim - alpha.ndim) + alpha.shape)
     neg = -alpha * jnn.relu(-inputs)
     return pos + neg
+
+
+def _softmax(inputs: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
+  if isinstance(axis, tuple) and len(axis) > 1:
+    lse = jax.scipy.special.logsumexp(inputs, axis=axis, keepdims=True)
+    return jnp.exp(inputs - lse)
+  return jnn.softmax(inputs, axis=axis[0] if isinstance(axis, tuple) else axis)
 
 
 def _large_negative_number(dtype) -> float:
@@ -223,12 +277,7 @@ class Softmax(Layer):
         mask = jnp.greater(mask, jnp.asarray(0.5, mask.dtype))
       mask = jnp.reshape(mask, (1,) * (inputs.ndim - mask.ndim) + mask.shape)
       inputs = jnp.where(mask, inputs, _large_negative_number(inputs.dtype))
-    if isinstance(self.axis, tuple) and len(self.axis) > 1:
-      lse = jax.scipy.special.logsumexp(inputs, axis=self.axis, keepdims=True)
-      outputs = jnp.exp(inputs - lse)
-    else:
-      axis = self.axis[0] if isinstance(self.axis, tuple) else self.axis
-      outputs = jnn.softmax(inputs, axis=axis)
+    outputs = _softmax(inputs, self.axis)
     if mask is not None:
       outputs = jnp.where(mask, outputs, 0.0)
     return outputs
