@@ -5,10 +5,12 @@ MultiHeadAttention takes one of two paths, exactly as Keras's ``_compute_attenti
 
 - without dropout, without ``return_attention_scores`` and with rank-3 inputs (4-D projections),
   Keras calls ``ops.dot_product_attention``. Its JAX backend (``keras/src/backend/jax/nn.py``)
-  checks for flash attention (never usable on CPU, where cuDNN is absent; on GPU only in half
-  precision with cuDNN; on TPU always) and otherwise calls
-  ``jax.nn.dot_product_attention(..., implementation="xla")``. This module always makes that
-  ``xla`` call: the same function as Keras on CPU, and on GPU in float32;
+  asks ``_can_use_flash_attention``: never on CPU (no cuDNN); on GPU only for float16/bfloat16
+  projections with cuDNN, compute capability >= 8.0 and a head size that is a multiple of 8 (at
+  most 256 on Hopper, 128 before), then cuDNN's fused kernel; on TPU always (the Splash kernel).
+  Otherwise it calls ``jax.nn.dot_product_attention(..., implementation="xla")``. This module
+  always makes that ``xla`` call: the same function as Keras on CPU and on GPU in float32; where
+  Keras takes a fused kernel, the results differ by that kernel's rounding;
 - otherwise the explicit path: scaled query, ``einsum``, Keras's masked ``Softmax`` layer over the
   attention axes, ``Dropout`` in training, ``einsum``.
 """
