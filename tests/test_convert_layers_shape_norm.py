@@ -82,22 +82,28 @@ def _both(keras_layer, *inputs, training=False, key=None, **kwargs):
   return np.asarray(expected), keras_state, np.asarray(got), our_state
 
 
-def _check_grads(keras_layer, x, rtol=1e-6, atol=0.0, **kwargs):
+def _check_grads(keras_layer, x, rtol=1e-6, atol=0.0, key=None, **kwargs):
   """jax.grad of sum(out**2) w.r.t. the inputs: Keras's stateless_call vs ours, both with the
-  variables as arguments of the jitted function."""
+  variables as arguments of the jitted function (``key`` as in :func:`_both`)."""
   trainable = [v.value for v in keras_layer.trainable_variables]
   non_trainable = [v.value for v in keras_layer.non_trainable_variables]
+  if key is not None:
+    drawn = jax.random.key_data(nnx.Rngs(dropout=key).dropout())
+    non_trainable = [
+      drawn if "seed_generator" in v.path else v.value for v in keras_layer.non_trainable_variables
+    ]
   graphdef, state = nnx.split(build_module(keras_layer))
 
   def keras_loss(x, trainable, non_trainable):
     out, _ = keras_layer.stateless_call(trainable, non_trainable, x, **kwargs)
     return jnp.sum(jnp.square(out))
 
-  def our_loss(x, state):  # a training call updates the BatchStats of the merged module
-    return jnp.sum(jnp.square(nnx.merge(graphdef, state)(x, **kwargs)))
+  def our_loss(x, state, key):  # a training call updates the BatchStats of the merged module
+    rngs = None if key is None else nnx.Rngs(dropout=key)
+    return jnp.sum(jnp.square(nnx.merge(graphdef, state)(x, rngs=rngs, **kwargs)))
 
   expected = jax.jit(jax.grad(keras_loss))(x, trainable, non_trainable)
-  got = jax.jit(jax.grad(our_loss, argnums=(0, 1)))(x, state)[0]
+  got = jax.jit(jax.grad(our_loss, argnums=(0, 1)))(x, state, key)[0]
   np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
 
 
@@ -237,9 +243,11 @@ def test_batch_norm_inference_and_training(options, shape):
   np.testing.assert_array_equal(state["mean"][...], keras_stats[0])
   np.testing.assert_array_equal(state["var"][...], keras_stats[1])
   assert not np.array_equal(keras_stats[0], layer.moving_mean.value)  # the update did something
-  # nnx.update carries the new statistics into the module, as a training step does.
+  # Called as a training step calls it (nnx.jit), the module's own statistics move.
   module = build_module(layer)
-  nnx.update(module, state)
+  got = nnx.jit(lambda m, x: m(x, training=True))(module, x)
+  np.testing.assert_array_equal(got, expected)
+  np.testing.assert_array_equal(module.mean[...], keras_stats[0])
   np.testing.assert_array_equal(module.var[...], keras_stats[1])
   _check_grads(layer, x, rtol=2e-6, atol=1e-6, training=True)
   _check_masking(layer, x)
@@ -387,6 +395,15 @@ RANDOM = [
 ]
 
 
+GRADIENT_CASES = (
+  "dropout_noise_shape",
+  "spatial2d",
+  "gaussian_noise",
+  "gaussian_dropout",
+  "alpha_dropout",
+)
+
+
 @pytest.mark.parametrize("make, shape", [c[1:] for c in RANDOM], ids=[c[0] for c in RANDOM])
 def test_random_layers_same_key_bit_identical(make, shape):
   layer = make()
@@ -401,6 +418,17 @@ def test_random_layers_same_key_bit_identical(make, shape):
   assert got.dtype == expected.dtype == x.dtype
   np.testing.assert_array_equal(got, expected)
   assert not np.array_equal(got, x)
+
+
+@pytest.mark.parametrize(
+  "make, shape",
+  [c[1:] for c in RANDOM if c[0] in GRADIENT_CASES],
+  ids=[c[0] for c in RANDOM if c[0] in GRADIENT_CASES],
+)
+def test_random_layers_training_gradients(make, shape):
+  layer, x = make(), _x(*shape)
+  layer.build(x.shape)
+  _check_grads(layer, x, key=jax.random.key(11), training=True)
 
 
 def test_dropout_statistics():
