@@ -533,6 +533,15 @@ def test_normalization_adapted(axis, shape, invert):
   assert_grads_match(layer, jnp.asarray(data))
 
 
+@pytest.mark.parametrize("dtype", ["mixed_bfloat16", "float16"])
+def test_normalization_adapted_reduced_precision(dtype):
+  layer = keras.layers.Normalization(axis=-1, dtype=dtype)
+  data = np.asarray(normal(8, 5)) + 3
+  layer.adapt(data)
+  expected, got = run_both(layer, jnp.asarray(data))
+  assert_same(expected, got)
+
+
 def test_normalization_adapted_with_zero_variance():
   layer = keras.layers.Normalization()
   data = np.array(normal(5, 3))
@@ -593,3 +602,24 @@ def test_modules_under_strict_rank_promotion():
     softmax = from_config("Softmax", {})
     assert softmax(x, mask=jnp.ones((4, 3), bool)).shape == x.shape
     assert from_config("Add", {})([x, normal(2, 3)]).shape == x.shape
+
+
+@pytest.mark.parametrize(
+  "make, x",
+  [
+    (
+      lambda: keras.layers.Embedding(9, 3, embeddings_regularizer=keras.regularizers.L2(0.01)),
+      jnp.asarray([[1, 2, 0]], "int32"),
+    ),
+    (lambda: keras.layers.PReLU(alpha_regularizer=keras.regularizers.L1(0.1)), jnp.ones((2, 4))),
+  ],
+)
+def test_weight_regularizers(make, x):
+  # The registry's variable names are the prefixes of the *_regularizer options.
+  layer = make()
+  layer(x)
+  layer.set_weights([RNG.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
+  module = build_module(layer)
+  (expected,) = [np.asarray(loss) for loss in layer.losses]
+  (got,) = [np.asarray(loss) for loss in module.losses()]
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
