@@ -167,6 +167,26 @@ def test_activations(cell, activation, recurrent_activation):
   _assert_equal(expected, got)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_implementation_1_config(cell):
+  """A config that names ``implementation: 1`` (tf-keras writes it; Keras 3 takes it as a
+  constructor argument but does not save it) computes Keras's split-kernel step."""
+  layer = _cells()[cell](implementation=1, return_sequences=True)
+  layer.build((B, T, D))
+  _randomize(layer, 18)
+  config = {**layer.get_config(), "implementation": 1}
+  names = LAYERS[type(layer).__name__].variables(config)
+  module = LAYERS[type(layer).__name__](
+    config, {n: np.asarray(w) for n, w in zip(names, layer.weights, strict=True)}
+  )
+  assert module.implementation == 1
+  graphdef, state = nnx.split(module)
+  x = _x(19)
+  expected = np.asarray(jax.jit(lambda x: layer(x, mask=MASK))(x))
+  got = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, mask=MASK))(state, x))
+  np.testing.assert_array_equal(got, expected)
+
+
 BIDIRECTIONAL = [
   ("concat-lstm-seq", "concat", lambda: L.LSTM(U, return_sequences=True), {"mask": True}),
   ("sum-gru-last", "sum", lambda: L.GRU(U), {}),
@@ -364,6 +384,7 @@ LSTM_SHAPES = {"kernel": (D, 4 * U), "recurrent_kernel": (U, 4 * U), "bias": (4 
   "config,match",
   [
     ({"units": U, "stateful": True}, "stateful"),
+    ({"units": U, "time_major": True}, "time_major"),
     ({"units": 0}, "units"),
     ({"units": U, "activation": {"class_name": "Foo"}}, "activation"),
     ({"units": U, "recurrent_activation": "no_such"}, "no_such"),

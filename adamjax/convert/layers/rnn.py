@@ -165,6 +165,7 @@ class _Recurrent(Layer):
   masks, the time loop, the casts and what ``call`` returns."""
 
   supports_masking = True
+  call_args = ("sequences", "initial_state")
   gates: ClassVar[int] = 1
   n_states: ClassVar[int] = 1
 
@@ -191,6 +192,10 @@ class _Recurrent(Layer):
     self.zero_output_for_mask = option(config, "zero_output_for_mask", bool, False)
     if option(config, "stateful", bool, False):
       raise ConversionError("config stateful = True: stateful recurrent layers are not supported")
+    if option(config, "time_major", bool, False):  # tf-keras only; Keras 3 has no such option
+      raise ConversionError(
+        "config time_major = True: time-major recurrent layers are not supported"
+      )
     self.dropout = _rate(config, "dropout")
     self.recurrent_dropout = _rate(config, "recurrent_dropout")
     kernel = self.cell.kernel[...]
@@ -551,6 +556,7 @@ class Bidirectional(Layer):
   fused GRU, so both run as the two layers here, as Keras does on a CPU."""
 
   supports_masking = True
+  call_args = ("sequences", "initial_state")
 
   @classmethod
   def variables(cls, config):
