@@ -343,12 +343,17 @@ class KerasModel(nnx.Module):
       ),
     )
 
-  def __call__(self, *inputs: Any, training: bool = False, rngs: nnx.Rngs | None = None):
-    """The model's outputs for ``inputs`` (one array per Keras input), as ``model(x)`` in Keras."""
+  def __call__(self, *inputs: Any, training: bool | None = None, rngs: nnx.Rngs | None = None):
+    """The model's outputs for ``inputs`` (one array per Keras input), as ``model(x)`` in Keras.
+
+    ``training`` as in Keras: True or False applies to every layer (``fit``, ``predict``);
+    None (the default) is inference except where the config fixes a node's own ``training``.
+    ``rngs`` (an ``nnx.Rngs`` with a ``dropout`` stream) drives the random layers in training.
+    """
     outputs, _, _ = self.run(list(inputs), None, training=training, rngs=rngs)
     return outputs
 
-  def run(self, inputs: list[Any], masks: list[Any] | None, *, training: bool, rngs: Any):
+  def run(self, inputs: list[Any], masks: list[Any] | None, *, training: bool | None, rngs: Any):
     """``(outputs, output masks, activity losses)`` for a list of inputs and their masks."""
     g = self.graph
     masks = masks if masks is not None else [None] * len(inputs)
@@ -395,9 +400,12 @@ class KerasModel(nnx.Module):
     """One node: masks and dtypes as Keras's ``Layer.__call__``; returns flat outputs and masks."""
     layer = getattr(self, attr)
     kwargs = dict(kwargs)
-    if kwargs.get("training") is not None:
-      training = bool(kwargs["training"])
-    kwargs.pop("training", None)
+    # A node's own ``training`` (``base(x, training=False)``) holds only while the model is
+    # called without one: Keras's Functional overrides it with an explicit value
+    # (``keras/src/models/functional.py`` ``operation_fn``), as ``fit`` and ``predict`` give.
+    node_training = kwargs.pop("training", None)
+    if training is None and node_training is not None:
+      training = bool(node_training)
     if isinstance(layer, KerasModel):
       mask = kwargs.pop("mask", None)
       flat_in = args[0] if isinstance(args[0], list) else [args[0]]
@@ -432,7 +440,7 @@ class KerasModel(nnx.Module):
     )
     if "mask" not in params:
       kwargs.pop("mask", None)
-    out = layer(*args, training=training, rngs=rngs, **kwargs)
+    out = layer(*args, training=bool(training), rngs=rngs, **kwargs)
     if layer.activity_regularizer is not None:
       losses.extend(
         _regularizers.penalty(layer.activity_regularizer, o) / o.shape[0]

@@ -170,7 +170,11 @@ def _layers_from_names(owners: dict[str, _Owner], source: str) -> list[KerasLaye
     if parts[0] != "layers" or not entry.values:
       continue  # the optimizer, the model's own (empty) vars, stateless layers
     if len(parts) % 2 or any(p != "layers" for p in parts[0::2]):
-      raise ConversionError(f"{source}: unexpected group /{owner}/vars")
+      raise ConversionError(
+        f"{source}: group /{owner}/vars is a sub-layer's (an RNN cell, an attention "
+        "projection...), which only the model's config can name: pass model_config (the "
+        "model's config.json)"
+      )
     values = _positional(owner, entry, source)
     group = parts[-1]
     class_name = _CLASS_BY_SNAKE_NAME.get(re.sub(r"_[0-9]+$", "", group))
