@@ -212,7 +212,7 @@ class _Recurrent(Layer):
         f"cell/bias has shape {self.cell.bias[...].shape}, not {self.bias_shape()}"
       )
 
-  def weights(self) -> tuple[Array, Array, Array | None]:
+  def cell_weights(self) -> tuple[Array, Array, Array | None]:
     """``kernel, recurrent_kernel, bias`` in the compute dtype (bias None without use_bias).
 
     A 1-D bias comes as a ``(1, n)`` row: adding it broadcasts exactly as Keras's implicit rank
@@ -290,7 +290,7 @@ class SimpleRNN(_Recurrent):
   """``keras/src/layers/rnn/simple_rnn.py``: ``h = activation(x @ kernel + bias + h @ recurrent)``."""
 
   def step(self, dp_mask, rec_mask):
-    kernel, recurrent_kernel, bias = self.weights()
+    kernel, recurrent_kernel, bias = self.cell_weights()
 
     def step(sequence, states):
       prev_output = states[0]
@@ -319,7 +319,7 @@ class _Gated(_Recurrent):
     # The cells switch to the split-kernel implementation whenever recurrent dropout is set.
     self.implementation = 1 if self.recurrent_dropout != 0.0 else implementation
     use_cudnn = config.get("use_cudnn", "auto")
-    if use_cudnn not in ("auto", True, False):
+    if use_cudnn != "auto" and not isinstance(use_cudnn, bool):
       raise ConversionError(f"config use_cudnn = {use_cudnn!r} is not 'auto', true or false")
     self.use_cudnn = use_cudnn
 
@@ -343,7 +343,7 @@ class LSTM(_Gated):
   n_states = 2
 
   def step(self, dp_mask, rec_mask):
-    kernel, recurrent_kernel, bias = self.weights()
+    kernel, recurrent_kernel, bias = self.cell_weights()
     units, act, ract = self.units, self.activation, self.recurrent_activation
 
     def fused(inputs, states):
@@ -404,7 +404,7 @@ class GRU(_Gated):
     return bias[0:1], bias[1:2]
 
   def step(self, dp_mask, rec_mask):
-    kernel, recurrent_kernel, bias = self.weights()
+    kernel, recurrent_kernel, bias = self.cell_weights()
     input_bias, recurrent_bias = self.biases(bias)
     units, act, ract = self.units, self.activation, self.recurrent_activation
     reset_after = self.reset_after
@@ -490,7 +490,7 @@ class GRU(_Gated):
 
   def fused_gru(self, inputs, h_0):
     """``keras/src/backend/jax/rnn.py`` ``gru``."""
-    kernel, recurrent_kernel, bias = self.weights()
+    kernel, recurrent_kernel, bias = self.cell_weights()
     if bias is not None:
       input_bias, recurrent_bias = bias[0:1], bias[1:2]
     else:  # float32, as Keras's
