@@ -394,7 +394,8 @@ def test_elementwise_merge(class_name, n):
   inputs = [normal(2, 5, 3) for _ in range(n)]
   expected, got = run_merge(layer, inputs)
   assert_merge_same(expected, got)
-  assert_grads_match(layer, inputs)
+  if n == 2:  # one gradient check per class (compile time)
+    assert_grads_match(layer, inputs)
 
 
 @pytest.mark.parametrize("class_name", ELEMENTWISE)
@@ -436,7 +437,8 @@ def test_concatenate(axis, which):
   masks = {"none": None, "all": [m0, m1], "first": [m0, None]}[which]
   expected, got = run_merge(layer, inputs, masks)
   assert_merge_same(expected, got)
-  assert_grads_match(layer, inputs)
+  if masks is None:  # gradients do not depend on the masks here
+    assert_grads_match(layer, inputs)
 
 
 @pytest.mark.parametrize(
@@ -457,7 +459,8 @@ def test_dot(axes, shapes, normalize):
   inputs = [normal(*s) for s in shapes]
   expected, got = run_merge(layer, inputs)
   assert_merge_same(expected, got)
-  assert_grads_match(layer, inputs)
+  if normalize:  # the normalized path contains the plain batch_dot
+    assert_grads_match(layer, inputs)
 
 
 def test_dot_normalize_zero_vector():
