@@ -3,8 +3,8 @@ GRU (both reset_after) and Bidirectional over an option grid, with random weight
 hide leading, middle and trailing steps, and non-zero initial states. Outputs (and returned
 states) are compared bit for bit under jit: both sides trace the same jnp/lax ops (the cells'
 steps inside ``lax.scan``, GRU's fused path, the unrolled Python loop). Dropout in training is
-compared with the same masks given to both; one-step input gradients within float32 tolerance;
-bad configs are refused with a named error.
+compared with the same masks given to both; one-step gradients (inputs and weights) are
+bit-identical too; bad configs are refused with a named error.
 
 Keras's orthogonal initializer and its bias adds broadcast by implicit rank promotion, so Keras is
 run with JAX's default ``allow``; the converted modules also run under this suite's ``raise``.
@@ -291,29 +291,36 @@ GRADIENT = [
 
 @pytest.mark.parametrize("make,call", [g[1:] for g in GRADIENT], ids=[g[0] for g in GRADIENT])
 def test_gradients(make, call):
-  """d sum(out**2) / d inputs, ours against Keras's stateless call: float32 tolerance (both
-  differentiate the same ops; the bound is there for the transposed scans' summation order)."""
+  """d sum(out**2) / d (inputs, weights), ours against Keras's stateless call with the weights as
+  jit arguments on both sides: bit-identical (both differentiate the same ops)."""
   layer = make()
   kwargs = _call_kwargs(layer, call)
   x = _x(13)
   layer.build((B, T, D))
   _randomize(layer, 14)
   module = build_module(layer)
+  names = LAYERS[type(layer).__name__].variables(layer.get_config())
   graphdef, state = nnx.split(module)
   trainable = [v.value for v in layer.trainable_variables]
   non_trainable = [v.value for v in layer.non_trainable_variables]
 
-  def keras_loss(x):
+  def keras_loss(trainable, x):
     out = layer.stateless_call(trainable, non_trainable, x, **kwargs)[0]
     return jnp.sum(jax.tree.leaves(out)[0] ** 2)
 
-  def our_loss(x):
+  def our_loss(state, x):
     return jnp.sum(jax.tree.leaves(nnx.merge(graphdef, state)(x, **kwargs))[0] ** 2)
 
-  expected = jax.jit(jax.grad(keras_loss))(x)
-  got = jax.jit(jax.grad(our_loss))(x)
-  assert np.abs(np.asarray(got)).max() > 0
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  expected_w, expected_x = jax.jit(jax.grad(keras_loss, argnums=(0, 1)))(trainable, x)
+  got_state, got_x = jax.jit(jax.grad(our_loss, argnums=(0, 1)))(state, x)
+  assert np.abs(np.asarray(got_x)).max() > 0
+  np.testing.assert_array_equal(got_x, expected_x)
+  got_w = nnx.to_pure_dict(got_state)
+  for name, expected in zip(names, expected_w, strict=True):
+    got = got_w
+    for part in name.split("/"):
+      got = got[part]
+    np.testing.assert_array_equal(got, expected, err_msg=name)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
