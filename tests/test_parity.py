@@ -23,10 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from train import input_pipeline, parity
+from train import input_pipeline, parity, parity_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train" / "parity.py"
@@ -206,8 +207,14 @@ def test_dropout_masks():
 def test_bad_configuration_is_refused_by_name():
   with pytest.raises(ValueError, match="^optimizer must be one of .* got 'sgd'"):
     parity.ParityConfig(optimizer="sgd")
-  with pytest.raises(ValueError, match="^dropout must be one of .* got 'random'"):
+  with pytest.raises(ValueError, match="^dropout must be one of .* got 'bogus'"):
+    parity.ParityConfig(dropout="bogus")
+  with pytest.raises(ValueError, match="'random' is for a MODEL"):
     parity.ParityConfig(dropout="random")
+  with pytest.raises(ValueError, match="'shared-masks' is for the tutorial"):
+    parity.ParityConfig(model="m.keras", data="d.npz", dropout="shared-masks")
+  with pytest.raises(ValueError, match="MODEL and --data go together"):
+    parity.ParityConfig(model="m.keras")
   with pytest.raises(ValueError, match="at least 1"):
     parity.ParityConfig(steps=0)
 
@@ -216,3 +223,195 @@ def test_every_parity_config_field_is_a_flag():
   args, config = parity.parse_args(["--steps", "7", "--dropout", "shared-masks", "--no-plot"])
   assert config == parity.ParityConfig(steps=7, dropout="shared-masks", plot=False)
   assert parity.parse_args([])[1] == parity.ParityConfig() and args.workdir is None
+
+
+def test_model_is_positional_or_a_flag_and_tolerances_default_by_mode():
+  _, config = parity.parse_args(["m.keras", "--data", "d.npz", "--steps", "3"])
+  assert config == parity.ParityConfig(model="m.keras", data="d.npz", steps=3)
+  assert parity.parse_args(["--model", "m.keras", "--data", "d.npz"])[1].model == "m.keras"
+  assert parity.ParityConfig().resolved_tolerance == parity.TUTORIAL_TOLERANCE
+  assert config.resolved_tolerance == parity.MODEL_TOLERANCE
+  random = parity.ParityConfig(model="m", data="d", dropout="random")
+  assert random.resolved_tolerance == parity.RANDOM_TOLERANCE
+  assert parity.ParityConfig(model="m", data="d", tolerance=3e-3).resolved_tolerance == 3e-3
+  with pytest.raises(SystemExit):
+    parity.parse_args(["m.keras"])  # No --data.
+
+
+# ---------------------------------------------------------------------------------------------
+# Any model: the data layout, the random layers, and one model end to end.
+
+
+def test_data_layout(tmp_path):
+  rng = np.random.default_rng(0)
+  one = tmp_path / "one.npz"
+  np.savez(one, x=rng.normal(size=(10, 3)), y=rng.integers(0, 4, 10))
+  (x,), (y,) = parity_model.load_data(one)
+  assert x.dtype == np.float32 and y.dtype.kind == "i"  # float64 -> float32, as Keras casts.
+  several = tmp_path / "several.npz"
+  np.savez(
+    several, x0=np.zeros((4, 2)), x1=np.ones((4, 5), np.int32), y0=np.zeros(4), y1=np.zeros(4)
+  )
+  xs, ys = parity_model.load_data(several)
+  assert [a.shape for a in xs] == [(4, 2), (4, 5)] and len(ys) == 2
+  bad = {
+    "no y": ({"x": np.zeros(3)}, "no y array"),
+    "gap": ({"x0": np.zeros(3), "x2": np.zeros(3), "y": np.zeros(3)}, r"expected \['x0', 'x1'\]"),
+    "both": ({"x": np.zeros(3), "x0": np.zeros(3), "y": np.zeros(3)}, "expected"),
+    "lengths": ({"x": np.zeros(3), "y": np.zeros(4)}, "share their first axis"),
+    "other": ({"x": np.zeros(3), "y": np.zeros(3), "w": np.zeros(3)}, r"unexpected arrays \['w'\]"),
+    "text": ({"x": np.array(["a", "b"]), "y": np.zeros(2)}, "numeric or bool"),
+  }
+  for name, (arrays, message) in bad.items():
+    path = tmp_path / f"{name.replace(' ', '_')}.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=message):
+      parity_model.load_data(path)
+
+
+def test_batches_are_in_file_order_full_batches_only():
+  index = parity_model.batch_index(10, 4, 5)
+  # 10 examples: batches [0..3], [4..7] per epoch (the last 2 rows never used), then again.
+  assert index.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2 + [[0, 1, 2, 3]]
+  with pytest.raises(ValueError, match="fewer than one batch"):
+    parity_model.batch_index(3, 4, 1)
+
+
+def test_random_layers_found_and_zeroed_in_a_copy(tmp_path):
+  keras = pytest.importorskip("keras")
+  from keras import layers
+
+  with jax.numpy_rank_promotion("allow"):  # Keras broadcasts its biases implicitly.
+    noise = layers.GaussianNoise(0.1, name="noise")
+    inner = keras.Sequential([keras.Input((4, 3)), noise], name="inner")
+    x = keras.Input((4, 3))
+    lstm = layers.LSTM(2, dropout=0.2, return_sequences=True, name="lstm")
+    h = layers.Bidirectional(lstm, name="bi")(inner(x))
+    h = layers.MultiHeadAttention(1, 2, dropout=0.1, name="mha")(h, h)
+    y = layers.Dense(1)(layers.Dropout(0.5, name="drop")(layers.Flatten()(h)))
+    model = keras.Model(x, y)
+    model.compile("adam", "mse")
+    path = tmp_path / "m.keras"
+    model.save(path)
+  found = parity_model.random_layers(parity_model.read_model_config(path))
+  assert found == [
+    "inner/noise: GaussianNoise.stddev=0.1",
+    "bi/forward_lstm: LSTM.dropout=0.2",
+    "bi/backward_lstm: LSTM.dropout=0.2",
+    "mha: MultiHeadAttention.dropout=0.1",
+    "drop: Dropout.rate=0.5",
+  ], found
+  copy, listed = parity_model.prepare_model(path, tmp_path, "off")
+  assert listed == found and copy != path
+  assert parity_model.random_layers(parity_model.read_model_config(copy)) == []
+  # The copy keeps everything else: Keras loads it with the same weights.
+  with jax.numpy_rank_promotion("allow"):
+    again = keras.saving.load_model(copy, compile=False)
+  for a, b in zip(model.weights, again.weights, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert parity_model.prepare_model(path, tmp_path, "random") == (path, found)
+
+
+def _conv_lstm_model(tmp_path):
+  """A small non-tutorial model: Conv1D (L2) -> BatchNorm -> LSTM -> pooling -> Dense (MaxNorm
+  constraint, L2 activity penalty), sparse crossentropy on logits, Adam; random data."""
+  keras = pytest.importorskip("keras")
+  from keras import layers
+
+  keras.utils.set_random_seed(1)
+  with jax.numpy_rank_promotion("allow"):  # Keras broadcasts its biases implicitly.
+    return _build_conv_lstm(keras, layers, tmp_path)
+
+
+def _build_conv_lstm(keras, layers, tmp_path):
+  x = keras.Input((16, 3))
+  l2 = keras.regularizers.L2(1e-3)
+  h = layers.Conv1D(6, 3, use_bias=False, kernel_regularizer=l2, name="conv1d")(x)
+  h = layers.BatchNormalization(momentum=0.9, name="batch_normalization")(h)
+  h = layers.LSTM(8, return_sequences=True, name="lstm")(h)
+  h = layers.GlobalAveragePooling1D(name="pool")(h)
+  max_norm = keras.constraints.MaxNorm(0.5)
+  y = layers.Dense(4, kernel_constraint=max_norm, activity_regularizer="l2", name="dense")(h)
+  model = keras.Model(x, y)
+  model.compile(
+    optimizer=keras.optimizers.Adam(3e-3),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
+  path, data = tmp_path / "conv_lstm.keras", tmp_path / "conv_lstm.npz"
+  model.save(path)
+  rng = np.random.default_rng(0)
+  np.savez(data, x=rng.normal(size=(96, 16, 3)).astype(np.float32), y=rng.integers(0, 4, 96))
+  return path, data
+
+
+MODEL_STEPS = 30
+# Measured on this model: ~1e-7 relative after 30 steps (3e-7 after 200), float32 rounding in
+# the two frameworks' convolution, LSTM and softmax; 1e-5 is 100x above, and a different Adam
+# (optax.adam) is 100x beyond it.
+MODEL_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def conv_lstm(tmp_path_factory):
+  return _conv_lstm_model(tmp_path_factory.mktemp("conv_lstm"))
+
+
+def test_any_model_command_passes(conv_lstm, tmp_path):
+  path, data = conv_lstm
+  proc = subprocess.run(
+    [sys.executable, "-m", "train.parity", str(path), "--data", str(data)]
+    + ["--steps", str(MODEL_STEPS), "--batch-size", "16", "--tolerance", str(MODEL_TOLERANCE)]
+    + ["--workdir", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    cwd=ROOT,
+  )
+  assert proc.returncode == parity.EXIT_PASSED, proc.stdout + proc.stderr
+  report = json.loads((tmp_path / parity.REPORT).read_text())
+  assert report["passed"] and report["max_param_rel"] <= MODEL_TOLERANCE
+  assert report["max_state_rel"] <= MODEL_TOLERANCE  # BatchNorm's moving statistics.
+  assert report["checks"] == {
+    "initial_weights_identical": True,
+    "tensorflow_in_jax_process": False,
+    "keras_iterations": MODEL_STEPS,
+    "jax_count": MODEL_STEPS,
+  }
+  assert set(report["per_param_final"]) == {
+    "conv1d/kernel",
+    "batch_normalization/gamma",
+    "batch_normalization/beta",
+    "lstm/lstm_cell/kernel",
+    "lstm/lstm_cell/recurrent_kernel",
+    "lstm/lstm_cell/bias",
+    "dense/kernel",
+    "dense/bias",
+  }
+  assert set(report["per_state_final"]) == {
+    "batch_normalization/moving_mean",
+    "batch_normalization/moving_variance",
+  }
+  # The moving statistics and the constrained kernel really moved (so they were compared).
+  assert report["per_state_final"]["batch_normalization/moving_mean"]["max_abs_param"] > 1e-3
+  assert report["random_layers"] == [] and report["noise_gradients"] == []
+  assert max(v["max_ulps"] for v in report["step1_optimizer_only"].values()) <= ULP_BOUND
+  assert max(v["abs"] for v in report["grads_step1"].values()) < 1e-6
+  assert report["max_loss_abs"] < 1e-5
+  assert report["loss"]["class_name"] == "SparseCategoricalCrossentropy"
+  assert (tmp_path / parity.PLOT).read_bytes().startswith(b"\x89PNG")
+
+
+def test_any_model_negative_control_fails(conv_lstm, tmp_path):
+  path, data = conv_lstm
+  config = parity.ParityConfig(
+    model=str(path),
+    data=str(data),
+    steps=5,
+    batch_size=16,
+    optimizer="optax.adam",
+    tolerance=MODEL_TOLERANCE,
+    plot=False,
+  )
+  report = parity.run_parity(config, tmp_path)
+  assert not report["passed"] and report["max_param_rel"] > 10 * MODEL_TOLERANCE

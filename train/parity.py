@@ -113,7 +113,12 @@ __all__ = [
   "run_parity",
 ]
 
-DROPOUT_MODES = ("off", "shared-masks")
+DROPOUT_MODES = ("off", "shared-masks", "random")
+# Default tolerances (relative, max|Δθ| / max|θ|), by what is compared: see the docstrings of
+# this file and of train/parity_model.py for the measurements behind them.
+TUTORIAL_TOLERANCE = 1e-5
+MODEL_TOLERANCE = 1e-4
+RANDOM_TOLERANCE = 5e-2
 REPORT, PLOT = "report.json", "parity.png"
 EXIT_PASSED, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 DEFAULT_RUNS = Path("workdir", "parity")
@@ -132,8 +137,9 @@ class ParityConfig:
   )
   dropout: str = option(
     "off",
-    "off: train without dropout (the exact comparison); shared-masks: the same NumPy-drawn "
-    "masks in both",
+    "off: train without dropout (the exact comparison; with a MODEL, both sides get a copy "
+    "whose random layers have rate 0); shared-masks (tutorial MLP): the same NumPy-drawn masks "
+    "in both; random (a MODEL): random layers on, each side its own masks (a loose check)",
     choices=DROPOUT_MODES,
   )
   dropout_rate: float = option(0.2)
@@ -152,19 +158,48 @@ class ParityConfig:
   record_every: int = option(
     1, "compare parameters every K steps, and at steps 1, 10, 100, ... and the last", metavar="K"
   )
-  tolerance: float = option(
-    1e-5,
-    "largest allowed max|Δθ|/max|θ| over the recorded steps (keras_adam measures ~5e-6 after "
-    "1000 MNIST steps, float32's noise floor here: see this file's docstring)",
+  tolerance: float | None = option(
+    None,
+    "largest allowed max|Δθ|/max|θ| over the recorded steps (default: "
+    f"{TUTORIAL_TOLERANCE:g} for the tutorial MLP, where keras_adam measures ~5e-6 after 1000 "
+    f"MNIST steps, float32's noise floor (see this file's docstring); {MODEL_TOLERANCE:g} for "
+    f"a MODEL; {RANDOM_TOLERANCE:g} with --dropout random, on the mean loss instead)",
   )
   threads: int = option(1, "TensorFlow's intra- and inter-op threads")
   keras_eager: bool = option(False, "run the Keras step op by op instead of in a tf.function")
   plot: bool = option(True, f"write {PLOT}")
+  model: str | None = option(
+    None,
+    "a Keras 3 .keras file to compare instead of the tutorial MLP (also the positional "
+    "argument); it must be compiled with Adam or AdamW and a built-in loss",
+    metavar="MODEL.keras",
+  )
+  data: str | None = option(
+    None,
+    "with a MODEL: a .npz with x (or x0, x1, ...) and y (or y0, y1, ...), see "
+    "train/parity_model.py",
+    metavar="DATA.npz",
+  )
 
   def __post_init__(self):
     check_choices(self)
     if self.steps < 1 or self.record_every < 1:
       raise ValueError("steps and record_every must be at least 1")
+    if (self.model is None) != (self.data is None):
+      raise ValueError("a MODEL and --data go together (the tutorial MLP takes neither)")
+    if self.model is None and self.dropout == "random":
+      raise ValueError("dropout 'random' is for a MODEL; the tutorial MLP has shared-masks")
+    if self.model is not None and self.dropout == "shared-masks":
+      raise ValueError("dropout 'shared-masks' is for the tutorial MLP; a MODEL has off or random")
+
+  @property
+  def resolved_tolerance(self) -> float:
+    """``tolerance``, or the default for what is compared."""
+    if self.tolerance is not None:
+      return self.tolerance
+    if self.model is None:
+      return TUTORIAL_TOLERANCE
+    return RANDOM_TOLERANCE if self.dropout == "random" else MODEL_TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,6 +478,12 @@ def run_parity(config: ParityConfig, workdir: str | os.PathLike) -> dict[str, An
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  if config.model is not None:
+    from train import parity_model
+
+    report = parity_model.run_parity_model(config, workdir)
+    _write(report, workdir, config.plot)
+    return report
   data = load_data(
     Config(
       data_source=config.data_source,
@@ -466,12 +507,18 @@ def run_parity(config: ParityConfig, workdir: str | os.PathLike) -> dict[str, An
     recorded,
     keras_grads_step1=keras_run["grads_step1"],
   )
-  report = make_report(config, data.source, recorded, keras_run, jax_run)
+  report = make_report(
+    config, data.source, recorded, keras_run, jax_run, tolerance=config.resolved_tolerance
+  )
+  _write(report, workdir, config.plot)
+  return report
+
+
+def _write(report: dict[str, Any], workdir: Path, plot: bool) -> None:
   text = json.dumps(report, indent=1) + "\n"
   atomic_write(workdir / REPORT, lambda p: p.write_text(text))
-  if config.plot:
+  if plot:
     plot_report(report, workdir / PLOT)
-  return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,16 +528,30 @@ def run_parity(config: ParityConfig, workdir: str | os.PathLike) -> dict[str, An
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, ParityConfig]:
   """Parses the command line into the namespace and a :class:`ParityConfig`."""
   parser = argparse.ArgumentParser(
-    description="Train the Keras tutorial MLP in Keras (TensorFlow backend) and in JAX from "
-    "the same weights on the same batches, and report how far they drift apart. "
+    description="Train the Keras tutorial MLP, or any Keras model file (MODEL.keras --data "
+    "DATA.npz), in Keras (TensorFlow backend) and in JAX from the same weights on the same "
+    "batches, and report how far they drift apart. "
     "Exit code 0: within --tolerance; 1: not; 2: error."
   )
   parser.add_argument(
     "--workdir", help=f"report.json and parity.png (default: a new {DEFAULT_RUNS}/<date-time>)"
   )
+  parser.add_argument(
+    "model_file",
+    nargs="?",
+    metavar="MODEL.keras",
+    help="a Keras 3 model file to compare instead of the tutorial MLP (needs --data)",
+  )
   add_flags(parser, ParityConfig)
   args = parser.parse_args(argv)
-  return args, from_args(ParityConfig, args)
+  if args.model_file is not None:
+    if args.model is not None and args.model != args.model_file:
+      parser.error("the model is given twice (positional and --model)")
+    args.model = args.model_file
+  try:
+    return args, from_args(ParityConfig, args)
+  except ValueError as e:
+    parser.error(str(e))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -508,9 +569,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_ERROR
   print(
-    f"Keras (TensorFlow) vs JAX {config.optimizer}, dropout {config.dropout}, "
-    f"{config.steps} steps on {report['data_source']} data"
+    f"{config.model or 'tutorial MLP'}: Keras (TensorFlow) vs JAX {config.optimizer}, "
+    f"dropout {config.dropout}, {config.steps} steps on {report['data_source']} data"
   )
+  for note in report.get("notes", []):
+    print(f"note: {note}")
   print(summary(report))
   print(f"report: {workdir / REPORT}")
   return EXIT_PASSED if report["passed"] else EXIT_FAILED

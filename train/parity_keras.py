@@ -109,3 +109,83 @@ def train_keras(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str
   }
   out["versions"] = np.array(json.dumps(versions))
   return out
+
+
+def train_keras_model(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:
+  """Trains a ``.keras`` model file in Keras (TensorFlow backend), as ``Model.train_step`` does.
+
+  Each step: the outputs in training mode, ``model.compute_loss`` (the compiled loss plus
+  ``model.losses``: activity and weight-regularizer penalties), the optimizer's ``scale_loss``,
+  the gradients of the trainable variables, ``optimizer.apply_gradients`` (which applies the
+  weight constraints after the update); metrics are left out.
+
+  Args:
+    arrays: ``x0, x1, ...`` (the inputs, all N examples), ``y0, y1, ...`` (the targets) and
+      ``index`` int64 [steps, batch] (the rows of each step).
+    spec: ``model`` (the file), ``seed``, ``threads``, ``eager``, ``recorded``.
+
+  Returns:
+    ``names`` (Keras's variable paths, ``model.weights`` order), ``trainable`` (bool per name),
+    ``init/<i>``, ``params/<i>`` ([len(recorded), *shape]), ``grads_step1/<i>`` (trainable
+    ones), ``loss`` (f32 [steps], the total loss), ``iterations``, ``versions`` (JSON), with
+    ``<i>`` the variable's position in ``names``.
+  """
+  import keras
+  import tensorflow as tf
+
+  tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
+  tf.config.threading.set_inter_op_parallelism_threads(spec["threads"])
+  keras.utils.set_random_seed(spec["seed"])
+  # safe_mode (the default) refuses lambdas and other code in the file.
+  model = keras.saving.load_model(spec["model"], compile=True, safe_mode=True)
+  if model.optimizer is None or model.loss is None:
+    raise ValueError(f"{spec['model']}: the model is not compiled with an optimizer and a loss")
+  index = arrays["index"]
+  count = lambda p: sum(1 for k in arrays if k.startswith(p) and k[1:].isdigit())  # noqa: E731
+  xs = [arrays[f"x{i}"] for i in range(count("x"))]
+  ys = [arrays[f"y{i}"] for i in range(count("y"))]
+  variables = list(model.weights)
+  trainable = list(model.trainable_variables)
+  position = {id(v): i for i, v in enumerate(variables)}
+
+  def train_step(x, y):
+    with tf.GradientTape() as tape:
+      y_pred = model(x, training=True)
+      loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+      scaled = model.optimizer.scale_loss(loss)
+    grads = tape.gradient(scaled, trainable)
+    model.optimizer.apply_gradients(zip(grads, trainable, strict=True))
+    return loss, grads
+
+  if not spec["eager"]:  # As Model.fit runs its train step (no XLA on CPU: jit_compile off).
+    train_step = tf.function(train_step, jit_compile=False)
+
+  one = lambda arrays: arrays[0] if len(arrays) == 1 else arrays  # noqa: E731
+  out = {f"init/{i}": v.numpy() for i, v in enumerate(variables)}
+  recorded = set(spec["recorded"])
+  params: list[list[np.ndarray]] = [[] for _ in variables]
+  losses = []
+  for t in range(len(index)):
+    x = one([tf.constant(a[index[t]]) for a in xs])
+    y = one([tf.constant(a[index[t]]) for a in ys])
+    loss, grads = train_step(x, y)
+    losses.append(np.float32(loss.numpy()))
+    if t == 0:
+      out.update(
+        {f"grads_step1/{position[id(v)]}": g.numpy() for v, g in zip(trainable, grads, strict=True)}
+      )
+    if t + 1 in recorded:
+      for i, v in enumerate(variables):
+        params[i].append(v.numpy())
+  out.update({f"params/{i}": np.stack(p) for i, p in enumerate(params)})
+  out["names"] = np.array([v.path for v in variables])
+  out["trainable"] = np.array([any(v is w for w in trainable) for v in variables])
+  out["loss"] = np.array(losses, np.float32)
+  out["iterations"] = np.int64(model.optimizer.iterations.numpy())
+  versions = {
+    "keras": keras.__version__,
+    "tensorflow": tf.__version__,
+    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+  }
+  out["versions"] = np.array(json.dumps(versions))
+  return out

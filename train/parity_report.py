@@ -18,7 +18,6 @@ import numpy as np
 
 from adamjax.testing import ulp_distance
 from train.files import atomic_write
-from train.parity_keras import PARAM_NAMES
 
 
 def compare_params(
@@ -35,24 +34,29 @@ def compare_params(
     the recorded steps; ``per_param_final``: per parameter at the last recorded step, its max
     abs difference, that relative to its own max|θ|, its max|θ| and the max ulp distance.
   """
-  axes = {n: tuple(range(1, keras_params[n].ndim)) for n in PARAM_NAMES}
+  names = list(keras_params)
+  axes = {n: tuple(range(1, keras_params[n].ndim)) for n in names}
   diff = {
-    n: np.abs(jax_params[n].astype(np.float64) - keras_params[n]).max(axis=axes[n])
-    for n in PARAM_NAMES
+    n: np.abs(jax_params[n].astype(np.float64) - keras_params[n]).max(axis=axes[n], initial=0.0)
+    for n in names
   }
-  scale = {n: np.abs(keras_params[n]).max(axis=axes[n]).astype(np.float64) for n in PARAM_NAMES}
-  same = sum(np.sum(jax_params[n] == keras_params[n], axis=axes[n]) for n in PARAM_NAMES)
-  total = sum(keras_params[n][0].size for n in PARAM_NAMES)
-  abs_ = np.max([diff[n] for n in PARAM_NAMES], axis=0)  # np.max keeps NaNs: they must fail.
-  rel = abs_ / np.max([scale[n] for n in PARAM_NAMES], axis=0)
+  scale = {
+    n: np.abs(keras_params[n]).max(axis=axes[n], initial=0.0).astype(np.float64) for n in names
+  }
+  same = sum(np.sum(jax_params[n] == keras_params[n], axis=axes[n]) for n in names)
+  total = sum(keras_params[n][0].size for n in names)
+  abs_ = np.max([diff[n] for n in names], axis=0)  # np.max keeps NaNs: they must fail.
+  # All-zero variables have no scale: their relative difference is their absolute one.
+  scale_all = np.max([scale[n] for n in names], axis=0)
+  rel = abs_ / np.where(scale_all > 0, scale_all, 1.0)
   per_param = {
     n: {
       "abs": float(diff[n][-1]),
-      "rel_to_own_max": float(diff[n][-1] / scale[n][-1]),
+      "rel_to_own_max": float(diff[n][-1] / max(scale[n][-1], 1e-30)),
       "max_abs_param": float(scale[n][-1]),
-      "max_ulps": int(ulp_distance(jax_params[n][-1], keras_params[n][-1]).max()),
+      "max_ulps": int(ulp_distance(jax_params[n][-1], keras_params[n][-1]).max(initial=0)),
     }
-    for n in PARAM_NAMES
+    for n in names
   }
   return {
     "param_abs": abs_.tolist(),
@@ -67,13 +71,13 @@ def gradient_diffs(
 ) -> dict[str, Any]:
   """Step-1 gradients (same weights, same batch): how far apart the two frameworks' ops are."""
   out = {}
-  for n in PARAM_NAMES:
+  for n in keras_grads:
     j, k = jax_grads[n], keras_grads[n]
     d = np.abs(j.astype(np.float64) - k)
     out[n] = {
       "abs": float(d.max()),
       "rel": float(d.max() / max(np.abs(k).max(), 1e-30)),
-      "max_ulps": int(ulp_distance(j, k).max()),
+      "max_ulps": int(ulp_distance(j, k).max(initial=0)),
       "identical_fraction": float(np.mean(j == k)),
     }
   return out
@@ -110,20 +114,35 @@ def _versions() -> dict[str, str]:
 
 
 def make_report(
-  config: Any, data_source: str, recorded: np.ndarray, keras_run: dict, jax_run: dict
+  config: Any,
+  data_source: str,
+  recorded: np.ndarray,
+  keras_run: dict,
+  jax_run: dict,
+  *,
+  tolerance: float | None = None,
+  checks: dict[str, Any] | None = None,
+  extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """The report of one comparison (see ``train.parity.run_parity`` for its fields).
 
   Args:
     config: The ``ParityConfig`` compared.
-    data_source: Where the MNIST batches came from.
+    data_source: Where the batches came from.
     recorded: The 1-based steps whose parameters both runs recorded.
     keras_run: ``train.parity.run_keras``'s record, the reference.
-    jax_run: ``train.parity.run_jax``'s record.
+    jax_run: ``train.parity.run_jax``'s record. With a ``state`` entry in both (name ->
+      stack of the non-trainable variables: moving statistics, frozen weights), those are
+      compared too (``state_abs``, ``state_rel``, ``max_state_rel``) and must also be within
+      the tolerance.
+    tolerance: The tolerance applied (default ``config.tolerance``).
+    checks: More entries for ``checks`` (each must be true or a number to pass on its own).
+    extra: More top-level fields (the model, its random layers, its loss...).
   """
+  tolerance = config.tolerance if tolerance is None else tolerance
   # The optimizer on its own: JAX's update applied to Keras's own step-1 gradients.
   optimizer_only = {}
-  for n in PARAM_NAMES:
+  for n in jax_run["step1_from_keras_grads"]:
     ours, theirs = jax_run["step1_from_keras_grads"][n], keras_run["params"][n][0]
     optimizer_only[n] = {
       "abs": float(np.max(np.abs(ours.astype(np.float64) - theirs))),
@@ -135,7 +154,13 @@ def make_report(
   rel = np.asarray(cmp["param_rel"])
   worst = int(np.argmax(np.where(np.isnan(rel), np.inf, rel)))  # A NaN is the worst step.
   max_rel = float(rel[worst])
-  passed = bool(np.isfinite(max_rel) and max_rel <= config.tolerance)
+  passed = bool(np.isfinite(max_rel) and max_rel <= tolerance)
+  state = None
+  if keras_run.get("state"):
+    state = compare_params(jax_run["state"], keras_run["state"])
+    state_rel = np.asarray(state["param_rel"])
+    max_state_rel = float(np.max(np.where(np.isnan(state_rel), np.inf, state_rel)))
+    passed = passed and bool(np.isfinite(max_state_rel) and max_state_rel <= tolerance)
   per_step = {
     "param_abs": cmp["param_abs"],
     "param_rel": cmp["param_rel"],
@@ -169,18 +194,32 @@ def make_report(
     "grads_step1": gradient_diffs(jax_run["grads_step1"], keras_run["grads_step1"]),
     "step1_optimizer_only": optimizer_only,
     "checks": {
-      "pixels_match_keras": jax_run["pixels_match_keras"],
+      **(
+        {"pixels_match_keras": jax_run["pixels_match_keras"]}
+        if "pixels_match_keras" in jax_run
+        else {}
+      ),
+      **(checks or {}),
       # This process must never have loaded TensorFlow (only the worker does).
       "tensorflow_in_jax_process": "tensorflow" in sys.modules,
       "keras_iterations": keras_run["iterations"],
       "jax_count": jax_run["count"],
     },
     "criterion": "max over recorded steps of max|theta_jax - theta_keras| / max|theta_keras|",
-    "tolerance": config.tolerance,
+    "tolerance": tolerance,
     "max_param_rel": max_rel,
     "passed": passed,
     "seconds": {"keras": keras_run["seconds"], "jax": jax_run["seconds"]},
   }
+  if state is not None:
+    report["criterion"] += "; the same for the non-trainable variables (state_rel)"
+    report.update(
+      state_abs=state["param_abs"],
+      state_rel=state["param_rel"],
+      max_state_rel=max_state_rel,
+      per_state_final=state["per_param_final"],
+    )
+  report.update(extra or {})
   return report
 
 
@@ -199,6 +238,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
   top, bottom = fig.subplots(2, 1, sharex=True)
   top.plot(steps, positive(report["param_abs"]), label="max |Δθ|")
   top.plot(steps, positive(report["param_rel"]), label="max |Δθ| / max |θ|")
+  if "state_rel" in report:
+    top.plot(steps, positive(report["state_rel"]), label="non-trainable: max |Δs| / max |s|")
   top.axhline(
     report["tolerance"],
     color="red",
@@ -208,9 +249,11 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
   )
   top.set_yscale("log")
   top.set_ylabel("parameter difference")
+  what = Path(cfg["model"]).name if cfg.get("model") else "tutorial MLP"
   top.set_title(
-    f"Keras (TensorFlow) vs JAX {cfg['optimizer']}, dropout {cfg['dropout']}, "
-    f"{report['data_source']} data: {'PASS' if report['passed'] else 'FAIL'}"
+    f"{what}: Keras (TensorFlow) vs JAX {cfg['optimizer']}, dropout {cfg['dropout']}, "
+    f"{report['data_source']} data: {'PASS' if report['passed'] else 'FAIL'}",
+    fontsize=10,
   )
   top.legend()
   top.grid(alpha=0.3, which="both")
@@ -234,8 +277,16 @@ def summary(report: dict[str, Any]) -> str:
     )
   w = report["worst"]
   verdict = "PASS" if report["passed"] else "FAIL"
-  lines.append(
-    f"worst: step {w['step']}, rel {w['param_rel']:.3e}; tolerance "
-    f"{report['tolerance']:g}: {verdict}"
-  )
+  if "max_state_rel" in report:
+    lines.append(f"non-trainable variables: worst rel {report['max_state_rel']:.3e}")
+  if "mean_loss_rel" in report:
+    lines.append(
+      f"random layers on: mean-loss rel {report['mean_loss_rel']:.3e}; tolerance "
+      f"{report['tolerance']:g}: {verdict}"
+    )
+  else:
+    lines.append(
+      f"worst: step {w['step']}, rel {w['param_rel']:.3e}; tolerance "
+      f"{report['tolerance']:g}: {verdict}"
+    )
   return "\n".join(lines)

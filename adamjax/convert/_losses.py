@@ -117,7 +117,9 @@ def huber(y_true, y_pred, delta=1.0):
   abs_error = jnp.abs(error)
   half = jnp.asarray(0.5, abs_error.dtype)
   return _mean(
-    jnp.where(abs_error <= delta, half * jnp.square(error), delta * abs_error - half * delta**2)
+    jnp.where(
+      abs_error <= delta, half * jnp.square(error), delta * abs_error - half * jnp.square(delta)
+    )
   )
 
 
@@ -197,7 +199,7 @@ def categorical_focal_crossentropy(
   output = y_pred / jnp.sum(y_pred, axis=axis, keepdims=True)
   output = jnp.clip(output, EPSILON, 1.0 - EPSILON)
   cce = -y_true * jnp.log(output)
-  modulating_factor = jnp.power(1.0 - output, gamma)
+  modulating_factor = jnp.power(1.0 - output, _f32(gamma))  # keras.ops.power: a tensor
   weighting_factor = jnp.multiply(modulating_factor, alpha)
   return jnp.sum(jnp.multiply(weighting_factor, cce), axis=axis)
 
@@ -271,7 +273,7 @@ def binary_focal_crossentropy(
     y_pred = jax.nn.sigmoid(y_pred)
   bce = _binary_crossentropy(y_true, y_pred, False)
   p_t = y_true * y_pred + (1 - y_true) * (1 - y_pred)
-  focal_bce = jnp.power(1.0 - p_t, gamma) * bce
+  focal_bce = jnp.power(1.0 - p_t, _f32(gamma)) * bce
   if apply_class_balancing:
     focal_bce = (y_true * alpha + (1 - y_true) * (1 - alpha)) * focal_bce
   return _mean(focal_bce, axis=axis)
