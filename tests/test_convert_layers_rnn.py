@@ -140,26 +140,40 @@ def test_matches_keras(cell, options, call):
 @pytest.mark.parametrize("cell", CELLS)
 def test_unrolled_matches_keras(cell):
   """Keras's Python loop, masked from a non-zero initial state: masked steps repeat the previous
-  output, zeros before the first one."""
-  layer = _cells()[cell](unroll=True, return_sequences=True, return_state=True)
+  output, zeros before the first one (LSTM and GRU also backwards)."""
+  backwards = cell in ("lstm", "gru")
+  layer = _cells()[cell](
+    unroll=True, return_sequences=True, return_state=True, go_backwards=backwards
+  )
   kwargs = _call_kwargs(layer, {"mask": True, "initial_state": True})
   x = _x(3)
   layer.build((B, T, D))
   _randomize(layer, 4)
   expected, got = _stateless_both(layer, x, **kwargs)
   _assert_equal(expected, got)
-  # The first output of row 1 (masked) is zeros, not the initial state.
-  np.testing.assert_array_equal(got[0][1, :2], 0.0)
+  # Outputs in processing order: row 1 starts with two masked steps, row 2 (backwards) with
+  # three; they are zeros, not the initial state.
+  if backwards:
+    np.testing.assert_array_equal(got[0][2, :3], 0.0)
+  else:
+    np.testing.assert_array_equal(got[0][1, :2], 0.0)
 
 
 @pytest.mark.parametrize(
-  "activation,recurrent_activation", [("relu", "hard_sigmoid"), ("linear", "tanh")]
+  "cell,activation,recurrent_activation",
+  [
+    ("lstm", lambda: "relu", "hard_sigmoid"),
+    # An activation layer as the activation (its config nested in the layer's).
+    ("gru", lambda: L.LeakyReLU(negative_slope=0.1), "tanh"),
+    ("simple", lambda: None, None),
+  ],
+  ids=["lstm-relu-hard_sigmoid", "gru-leaky_relu_layer-tanh", "simple-linear"],
 )
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_activations(cell, activation, recurrent_activation):
-  layer = _cells()[cell](
-    activation=activation, recurrent_activation=recurrent_activation, return_sequences=True
-  )
+  options = {"activation": activation(), "return_sequences": True}
+  if recurrent_activation is not None:
+    options["recurrent_activation"] = recurrent_activation
+  layer = _cells()[cell](**options)
   x = _x(5)
   layer.build((B, T, D))
   _randomize(layer, 6)

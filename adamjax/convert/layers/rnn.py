@@ -33,10 +33,8 @@ Step = Callable[[Array, list[Array]], tuple[Array, list[Array]]]
 
 
 def _activation(config: Mapping[str, Any], key: str, default: str) -> Callable[[Array], Array]:
-  name = config.get(key, default)
-  if name is not None and not isinstance(name, str):
-    raise ConversionError(f"config {key} = {name!r} is not a built-in activation name")
-  return get_activation(name)
+  # An absent key is Keras's default; a null one is linear (keras.activations.get(None)).
+  return get_activation(config.get(key, default))
 
 
 def _rate(config: Mapping[str, Any], key: str) -> float:
