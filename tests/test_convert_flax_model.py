@@ -258,3 +258,36 @@ def test_malformed_graphs_are_refused_naming_the_problem(tmp_path, mutate, messa
   with pytest.raises(ConversionError, match=message):
     ours = convert.flax_model(tmp_path / "m.keras", model_config=config)
     ours(_x(2, 3))
+
+
+def test_keras_ops_nodes_in_functional_graphs(tmp_path):
+  """``keras.ops`` calls between layers, and the NotEqual mask op Keras inserts for
+  ``Embedding(mask_zero=True)``, are computed as Keras's JAX backend does (values and dtypes)."""
+  ops, layers = keras.ops, keras.layers
+  x = keras.Input((4, 3))
+  mean = ops.squeeze(ops.expand_dims(ops.add(ops.mean(x, axis=1), 1.0), -1), -1)
+  summed = ops.sum(ops.transpose(x, (0, 2, 1)), axis=-1, keepdims=True)
+  flat = ops.reshape(x, (-1, 12))
+  outputs = [
+    mean,
+    summed,
+    x * 2.0,
+    ops.concatenate([x, x], axis=-1),
+    ops.cast(x, "float16"),
+    ops.matmul(x, ops.transpose(x, (0, 2, 1))),
+    ops.softmax(x),
+    layers.Dense(2)(flat),
+  ]
+  model = keras.Model(x, outputs)
+  tokens = keras.Input((6,), dtype="int32")
+  masked = keras.Model(tokens, layers.LSTM(3)(layers.Embedding(9, 4, mask_zero=True)(tokens)))
+  for m, name in ((model, "ops"), (masked, "masked")):
+    m.compile(optimizer="adam", loss="mse")
+    m.save(tmp_path / f"{name}.keras")
+  ours = convert.flax_model(tmp_path / "ops.keras")
+  x_value = _x(2, 4, 3)
+  for e, g in zip(model(x_value), ours(x_value), strict=True):
+    assert np.asarray(g).dtype == np.asarray(e).dtype
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+  ids = np.array([[1, 2, 0, 0, 0, 0], [3, 4, 5, 6, 0, 0]], np.int32)
+  _assert_same(masked(ids), convert.flax_model(tmp_path / "masked.keras")(ids))

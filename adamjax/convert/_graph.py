@@ -27,9 +27,17 @@ from flax import nnx
 
 from adamjax.convert._ir import ConversionError, class_layer_names
 from adamjax.convert._safe_io import clip
-from adamjax.convert.layers import LAYERS, _regularizers
+from adamjax.convert.layers import LAYERS, OPS, _regularizers
 
 MODELS = frozenset({"Sequential", "Functional", "Model"})
+
+
+def is_operation(entry: dict[str, Any]) -> bool:
+  """Whether a config entry is a ``keras.ops`` node (``keras.src.ops.numpy.Mean``...)."""
+  module = entry.get("module")
+  return isinstance(module, str) and module.startswith("keras.src.ops.")
+
+
 _MAX_NODES = 100_000
 
 
@@ -42,7 +50,10 @@ def unsupported_layers(config: Any, prefix: str = "") -> list[str]:
     return found
   for entry, name in zip(entries, _names(config), strict=True):
     class_name = entry.get("class_name")
-    if class_name in MODELS:
+    if is_operation(entry):
+      if (entry.get("module"), class_name) not in OPS:
+        found.append(f"{prefix}{name} ({clip(entry.get('module'), 40)}.{clip(class_name, 40)})")
+    elif class_name in MODELS:
       found += unsupported_layers(entry, f"{prefix}{name}/")
     elif class_name != "InputLayer" and class_name not in LAYERS:
       found.append(f"{prefix}{name} ({clip(class_name, 60)})")
@@ -50,15 +61,21 @@ def unsupported_layers(config: Any, prefix: str = "") -> list[str]:
 
 
 def _names(config: dict[str, Any]) -> list[str | None]:
-  """The converter's name of each entry of ``config.layers`` (None for a Sequential's input)."""
+  """The converter's name of each entry of ``config.layers`` (None for a Sequential's input):
+  Keras's class-based names for layers; ``op<i>`` for operations, which Keras does not save
+  and which therefore do not count in the class-based names."""
   entries = config["config"]["layers"]
   skip = (
     config["class_name"] == "Sequential"
     and entries
     and entries[0].get("class_name") == ("InputLayer")
   )
-  names = class_layer_names([e.get("class_name") for e in entries[1 if skip else 0 :]])
-  return ([None] if skip else []) + names
+  kept = [e for e in entries[1 if skip else 0 :] if not is_operation(e)]
+  names = iter(class_layer_names([e.get("class_name") for e in kept]))
+  out = [None] if skip else []
+  for i, entry in enumerate(entries[1 if skip else 0 :]):
+    out.append(f"op{i}" if is_operation(entry) else next(names))
+  return out
 
 
 def _freeze(x: Any) -> Any:
@@ -232,7 +249,9 @@ class KerasModel(nnx.Module):
       attributes.append(name)
       class_name = entry["class_name"]
       try:
-        if class_name in MODELS:
+        if is_operation(entry):
+          module = OPS[entry["module"], class_name](layer_config, {})
+        elif class_name in MODELS:
           module = KerasModel(entry, weights, source=source, prefix=f"{prefix}{name}/")
         else:
           cls = LAYERS[class_name]
@@ -415,10 +434,11 @@ class KerasModel(nnx.Module):
       out, out_mask, inner = layer.run(flat_in, flat_masks, training=training, rngs=rngs)
       losses.extend(inner)
       return _flat_with_masks(out, out_mask)
-    compute = layer.compute_dtype
-    cast = lambda x: _autocast(x, compute)  # noqa: E731
-    args = _map_leaves(args, cast)
-    kwargs = _map_leaves(kwargs, cast)
+    if layer.autocast:
+      compute = layer.compute_dtype
+      cast = lambda x: _autocast(x, compute)  # noqa: E731
+      args = _map_leaves(args, cast)
+      kwargs = _map_leaves(kwargs, cast)
     # Keras's mask population: the names of the tensor arguments (positional, then keywords).
     names = list(layer.call_args)
     tensor_args = {}

@@ -22,7 +22,7 @@ from adamjax.convert._ir import (
   class_layer_names,
 )
 from adamjax.convert._safe_io import clip
-from adamjax.convert.layers import LAYERS
+from adamjax.convert.layers import LAYERS, OPS
 from adamjax.convert.layers._regularizers import CONSTRAINTS, REGULARIZERS
 
 # Layer classes a config may name: those the registry builds (and InputLayer). The classes the
@@ -120,10 +120,12 @@ ALLOWED: dict[str, frozenset[str]] = {
   "keras.metrics": _METRICS,
   "keras.regularizers": REGULARIZERS,
   "keras.constraints": CONSTRAINTS,
+  **{module: frozenset(name for m, name in OPS if m == module) for module in {m for m, _ in OPS}},
 }
 # Objects without a ``module``: tf-keras (Keras 2) configs name only the class, which Keras
 # resolves among its built-ins; Keras 3 writes the symbolic inputs of a Functional model's
-# nodes as ``__keras_tensor__`` (shape and dtype only). tf-keras registers its own optimizers
+# nodes as ``__keras_tensor__`` (shape and dtype only) and constant arrays in a layer's config
+# (``Rescaling(np.array(...))``) as ``__numpy__``/``__tensor__`` (a list of numbers and a dtype). tf-keras registers its own optimizers
 # as ``Custom>Adam`` (observed in tf-keras 2.21 ``training_config``).
 _ALLOWED_WITHOUT_MODULE = (
   _LAYERS
@@ -135,10 +137,11 @@ _ALLOWED_WITHOUT_MODULE = (
   | OTHER_OPTIMIZERS
   | REGULARIZERS
   | CONSTRAINTS
-  | {"Custom>Adam", "Custom>AdamW", "__keras_tensor__"}
+  | {"Custom>Adam", "Custom>AdamW", "__keras_tensor__", "__numpy__", "__tensor__"}
 )
 # Keras writes a non-null ``registered_name`` for these built-ins (the class's own name).
-_REGISTERED_BUILTINS = frozenset({("keras.src.models.functional", "Functional")})
+# Keras's own operations (``keras.ops`` nodes of a Functional graph) are registered too.
+_REGISTERED_BUILTINS = frozenset({("keras.src.models.functional", "Functional")}) | frozenset(OPS)
 
 ACTIVATIONS = frozenset(
   {
@@ -498,6 +501,13 @@ def _walk_model(
   for i, entry in indexed:
     if not isinstance(entry.get("class_name"), str):
       raise ConversionError(f"{source}: {where}.config.layers[{i}] has no class_name")
+  # ``keras.ops`` nodes are not layers: Keras saves nothing for them and does not count them in
+  # the class-based names of the h5 groups.
+  indexed = [
+    (i, e)
+    for i, e in indexed
+    if not (isinstance(e.get("module"), str) and e["module"].startswith("keras.src.ops."))
+  ]
   names = class_layer_names([e["class_name"] for _, e in indexed])
   for (i, entry), name in zip(indexed, names, strict=True):
     here = f"{where}.config.layers[{i}]"

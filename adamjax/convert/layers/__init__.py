@@ -7,6 +7,7 @@ follows. See :mod:`adamjax.convert.layers._base` for what a registered layer pro
 import importlib
 
 from adamjax.convert.layers._base import LAYERS, Layer, register
+from adamjax.convert.layers.ops import OPS
 
 # Family modules, imported for their @register side effect. A module not written yet is skipped
 # only while the registry is being filled family by family; the tests list every class.
@@ -30,4 +31,4 @@ for _family in (
     if e.name != f"{__name__}.{_family}":
       raise
 
-__all__ = ["LAYERS", "Layer", "register"]
+__all__ = ["LAYERS", "OPS", "Layer", "register"]

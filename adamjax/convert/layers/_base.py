@@ -79,6 +79,8 @@ class Layer(nnx.Module):
     call_args: Names of the tensor arguments of Keras's ``call`` in order (``("inputs",)``;
       ``("query", "value", "key")`` for MultiHeadAttention). With one, the graph passes its mask
       as ``mask=``; with several, as ``<name>_mask=`` keyword arguments, as Keras does.
+    autocast: Whether the graph casts floating inputs to the compute dtype first (Keras layers
+      do; ``keras.ops`` operations do not).
     flax_names: Keras variable name -> attribute path in the module, where they differ.
     option_names: Keras variable name -> the prefix of its ``*_regularizer``/``*_constraint``
       options, where it is not the name without ``_kernel`` (``kernel`` -> ``kernel_regularizer``,
@@ -87,6 +89,7 @@ class Layer(nnx.Module):
   """
 
   supports_masking: ClassVar[bool] = False
+  autocast: ClassVar[bool] = True
   call_args: ClassVar[tuple[str, ...]] = ("inputs",)
   flax_names: ClassVar[Mapping[str, str]] = {}
   option_names: ClassVar[Mapping[str, str]] = {}

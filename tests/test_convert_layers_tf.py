@@ -1,0 +1,34 @@
+"""Every family of built layers against Keras on the TensorFlow backend (and on JAX).
+
+The per-layer files compare each layer's options with Keras on the JAX backend bit for bit; this
+one builds one model per family on the TensorFlow backend (a subprocess), converts the saved
+``.keras`` and bounds the difference. TensorFlow's kernels (oneDNN convolutions, its own
+transcendental functions) are not XLA's, so the bound is float32 rounding: 1e-5 of the output's
+scale (max(1, max |Keras output|)); against Keras-JAX the same models stay within 1e-6.
+"""
+
+import pytest
+
+from adamjax.testing._layer_cases import compare_layer_cases
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+  return {row["case"]: row for row in compare_layer_cases(tmp_path_factory.mktemp("layers_tf"))}
+
+
+def test_every_registered_layer_class_has_a_case(rows):
+  from adamjax.convert.layers import LAYERS
+
+  covered = {c for row in rows.values() for c in row["classes"]}
+  assert set(LAYERS) - covered == set()
+
+
+def test_logits_match_keras_tensorflow(rows):
+  worst = {name: row["vs_tf"] for name, row in rows.items() if row["vs_tf"] > 1e-5}
+  assert worst == {}
+
+
+def test_logits_match_keras_jax(rows):
+  worst = {name: row["vs_jax"] for name, row in rows.items() if row["vs_jax"] > 1e-6}
+  assert worst == {}
