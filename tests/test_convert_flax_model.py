@@ -291,3 +291,40 @@ def test_keras_ops_nodes_in_functional_graphs(tmp_path):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
   ids = np.array([[1, 2, 0, 0, 0, 0], [3, 4, 5, 6, 0, 0]], np.int32)
   _assert_same(masked(ids), convert.flax_model(tmp_path / "masked.keras")(ids))
+
+
+def test_tf_keras_h5_full_model_with_recurrent_and_attention_layers(tmp_path):
+  """A tf-keras (Keras 2) ``.h5`` carries its config: LSTM cells, a Bidirectional wrapper, MHA
+  projections and DepthwiseConv1D are found by position in its weight lists, its legacy node
+  format (tensors in kwargs as ``[layer, node, tensor]``) is read, and the Adam state maps."""
+  from pathlib import Path
+
+  from adamjax.testing import call_in_keras_backend
+
+  rng = np.random.default_rng(1)
+  arrays = {
+    "ids": rng.integers(0, 9, size=(4, 6)).astype(np.int32) * (np.arange(6) < 4),
+    "seq": _x(4, 5, 4),
+    "y": _x(4, 2),
+  }
+  arrays["ids"] = arrays["ids"].astype(np.int32)
+  worker = Path(__file__).with_name("tf_keras_models_worker.py")
+  out = call_in_keras_backend(
+    "tensorflow",
+    worker,
+    "build_tf_keras_h5",
+    arrays,
+    {"out": str(tmp_path)},
+    env={"TF_USE_LEGACY_KERAS": "1"},
+  )
+  ckpt = convert.read(tmp_path / "model.h5")
+  assert ckpt.format == "tf-keras-h5" and ckpt.optimizer.iterations == 2
+  ours = convert.flax_model(ckpt)
+  logits = np.asarray(ours(arrays["ids"], arrays["seq"]))
+  np.testing.assert_allclose(logits, out["logits"], rtol=1e-5, atol=1e-6)
+  params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
+  state = convert.adam_state(ckpt, convert.keras_optimizer(ckpt), params)
+  mu = state[0].mu["bidirectional"]["backward_layer"]["cell"]["recurrent_kernel"]
+  np.testing.assert_array_equal(
+    mu, ckpt.optimizer.momentums["bidirectional", "backward_layer/cell/recurrent_kernel"]
+  )

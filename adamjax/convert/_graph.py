@@ -123,6 +123,22 @@ def _refs(x: Any, where: str) -> Any:
   return x
 
 
+def _legacy_refs(x: Any) -> Any:
+  """tf-keras writes tensors in a node's kwargs as ``[layer, node, tensor]`` lists."""
+  if (
+    isinstance(x, list)
+    and len(x) == 3
+    and isinstance(x[0], str)
+    and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x[1:])
+  ):
+    return _Ref(*x)
+  if isinstance(x, list):
+    return [_legacy_refs(v) for v in x]
+  if isinstance(x, dict):
+    return {k: _legacy_refs(v) for k, v in x.items()}
+  return x
+
+
 def _nodes(entry: dict[str, Any], where: str) -> list[tuple[Any, dict[str, Any]]]:
   """A layer's inbound nodes as ``(args, kwargs)`` with _Refs: Keras 3's ``{"args", "kwargs"}``
   or tf-keras's ``[[layer, node, tensor, kwargs], ...]`` (one positional argument per node:
@@ -152,7 +168,7 @@ def _nodes(entry: dict[str, Any], where: str) -> list[tuple[Any, dict[str, Any]]
         raise ConversionError(f"{here}: {clip(item)} is not [layer, node, tensor, kwargs]")
       refs.append(_Ref(*item[:3]))
       if len(item) == 4 and isinstance(item[3], dict):
-        kwargs = _refs(item[3], here)
+        kwargs = {k: _legacy_refs(v) for k, v in item[3].items()}
     out.append(([refs[0] if len(refs) == 1 else refs], kwargs))
   return out
 
@@ -353,7 +369,10 @@ class KerasModel(nnx.Module):
       tuple((r.layer, r.node, r.tensor) for r in inputs),
       tuple(input_dtypes.get(r.layer) for r in inputs),
       tuple((r.layer, r.node, r.tensor) for r in outputs),
-      len(outputs) == 1 and not isinstance(inner.get("output_layers", [[]])[0], list),
+      # One output: Keras 3 writes it flat unless the model was built with a list of one
+      # (``Model(x, [y])``, which returns a list); tf-keras always nests, and returns the tensor.
+      len(outputs) == 1
+      and ("module" not in config or not isinstance(inner.get("output_layers", [[]])[0], list)),
       tuple(steps),
       tuple(
         by_user_name[e.get("name", e["config"].get("name"))]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import numpy as np
 
@@ -35,16 +36,31 @@ _LEGACY_SLOT = re.compile(r"^[^/]+/(.+)/(m|v|vhat):0$")
 _SLOT_NAMES = {"m": "momentum", "v": "velocity", "vhat": "velocity_hat"}
 
 
-def _variable_key(
-  name: str, by_user_name: dict[str, LayerSpec], source: str
-) -> tuple[LayerSpec, str]:
-  """``dense/kernel:0`` (a TF variable name) -> (the layer, ``kernel``)."""
+def _variable_owner(name: str, by_user_name: dict[str, LayerSpec], source: str) -> LayerSpec:
+  """The layer a TF variable name belongs to: ``dense/kernel:0`` -> dense; a sub-layer's
+  ``lstm/lstm_cell/kernel:0`` -> lstm (the innermost enclosing name that is a model layer)."""
   parts = name.removesuffix(":0").split("/")
-  if len(parts) < 2 or parts[-2] not in by_user_name:
+  for part in reversed(parts[:-1]):
+    if part in by_user_name:
+      return by_user_name[part]
+  raise ConversionError(f"{source}: variable {clip(name)} belongs to no layer of the model config")
+
+
+def _named(
+  ls: LayerSpec, weights: list[tuple[str, Any]], names: tuple[str, ...], source: str
+) -> dict[str, Any]:
+  """A layer's variables by Keras name: by their TF names where those are Keras's
+  (``dense/kernel:0``), else by position (tf-keras writes ``layer.weights`` in Keras's order:
+  an LSTM's ``lstm_cell/kernel``, ``recurrent_kernel``, ``bias`` are ``cell/kernel``...)."""
+  short = [w.removesuffix(":0").rsplit("/", 1)[-1] for w, _ in weights]
+  if sorted(short) == sorted(names) and len(set(short)) == len(short):
+    return {n: v for n, (_, v) in zip(short, weights, strict=True)}
+  if len(weights) != len(names):
     raise ConversionError(
-      f"{source}: variable {clip(name)} belongs to no layer of the model config"
+      f"{source}: layer {clip(ls.name)} ({ls.class_name}) has variables "
+      f"{[w for w, _ in weights]} in the file, {list(names)} by its config"
     )
-  return by_user_name[parts[-2]], parts[-1]
+  return {n: v for n, (_, v) in zip(names, weights, strict=True)}
 
 
 def _layers(
@@ -59,25 +75,22 @@ def _layers(
         "variable names cannot tell them apart"
       )
     by_user_name[ls.name] = ls
-  found: dict[str, dict[str, np.ndarray]] = {}
+  found: dict[str, list[tuple[str, Any]]] = {}
   tf_names: dict[str, tuple[str, str]] = {}
   for group in h5.attr_strings(root, "layer_names") or []:
     group_path = f"{root}/{group}" if root else group
     if group_path not in h5.groups:
       raise ConversionError(f"{source}: layer_names lists {clip(group)}, which has no group")
     for weight in h5.attr_strings(group_path, "weight_names") or []:
-      ls, var = _variable_key(weight, by_user_name, source)
-      found.setdefault(ls.path, {})[var] = h5.lazy(f"{group_path}/{weight}")
-      tf_names[weight.removesuffix(":0")] = (ls.path, var)
+      ls = _variable_owner(weight, by_user_name, source)
+      found.setdefault(ls.path, []).append((weight, h5.lazy(f"{group_path}/{weight}")))
   layers = []
   for ls in spec.layers:
     names = _keras_config.variable_names(ls.class_name, ls.config)
-    weights = found.pop(ls.path, {})
-    if set(weights) != set(names):
-      raise ConversionError(
-        f"{source}: layer {clip(ls.name)} ({ls.class_name}) has variables "
-        f"{sorted(weights)} in the file, {sorted(names)} by its config"
-      )
+    listed = found.pop(ls.path, [])
+    weights = _named(ls, listed, names, source)
+    for (weight, _), var in zip(listed, weights, strict=True):
+      tf_names[weight.removesuffix(":0")] = (ls.path, var)
     if names:
       layers.append(
         KerasLayer(
