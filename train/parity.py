@@ -1,4 +1,11 @@
-"""Cross-framework parity: the tutorial MLP trained by Keras (TensorFlow backend) and by JAX.
+"""Cross-framework parity: a model trained by Keras (TensorFlow backend) and by JAX, compared.
+
+Any Keras 3 model file: ``python -m train.parity MODEL.keras --data DATA.npz`` trains the file's
+model in Keras and its converted Flax model (``adamjax.convert.flax_model``, the file's Adam
+state) from the same weights on the same batches, with the model's compiled loss, penalties,
+constraints and BatchNorm statistics; ``train/parity_model.py`` describes the data layout, the
+random layers (rates set to 0 in a copy given to both sides by default) and the JAX step. The
+rest of this docstring is the default comparison, the Keras tutorial's MLP.
 
 Both frameworks train the Keras tutorial's model (``Flatten -> Dense(128, relu) -> Dropout(0.2)
 -> Dense(10)``, sparse softmax cross-entropy on logits, Adam 1e-3, batch 32) from the same initial
@@ -119,6 +126,7 @@ DROPOUT_MODES = ("off", "shared-masks", "random")
 TUTORIAL_TOLERANCE = 1e-5
 MODEL_TOLERANCE = 1e-4
 RANDOM_TOLERANCE = 5e-2
+NOISE_FACTOR = 10  # With --noise-floor: pass within this many times Keras's drift from itself.
 REPORT, PLOT = "report.json", "parity.png"
 EXIT_PASSED, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 DEFAULT_RUNS = Path("workdir", "parity")
@@ -163,11 +171,23 @@ class ParityConfig:
     "largest allowed max|Δθ|/max|θ| over the recorded steps (default: "
     f"{TUTORIAL_TOLERANCE:g} for the tutorial MLP, where keras_adam measures ~5e-6 after 1000 "
     f"MNIST steps, float32's noise floor (see this file's docstring); {MODEL_TOLERANCE:g} for "
-    f"a MODEL; {RANDOM_TOLERANCE:g} with --dropout random, on the mean loss instead)",
+    f"a MODEL, or {NOISE_FACTOR}x the --noise-floor; {RANDOM_TOLERANCE:g} with --dropout "
+    "random, on the mean loss instead)",
   )
   threads: int = option(1, "TensorFlow's intra- and inter-op threads")
   keras_eager: bool = option(False, "run the Keras step op by op instead of in a tf.function")
+  keras_dense_gradients: bool = option(
+    False,
+    "with a MODEL: densify TensorFlow's IndexedSlices gradients (Embedding) before Keras's "
+    "Adam, which otherwise applies them slice by slice (see train/parity_model.py)",
+  )
   plot: bool = option(True, f"write {PLOT}")
+  noise_floor: bool = option(
+    False,
+    "with a MODEL: train it in Keras a second time with TensorFlow's other CPU kernels "
+    "(TF_ENABLE_ONEDNN_OPTS flipped), report how far Keras drifts from itself, and without "
+    f"--tolerance pass when JAX stays within {NOISE_FACTOR}x that (and {MODEL_TOLERANCE:g})",
+  )
   model: str | None = option(
     None,
     "a Keras 3 .keras file to compare instead of the tutorial MLP (also the positional "
@@ -189,6 +209,8 @@ class ParityConfig:
       raise ValueError("a MODEL and --data go together (the tutorial MLP takes neither)")
     if self.model is None and self.dropout == "random":
       raise ValueError("dropout 'random' is for a MODEL; the tutorial MLP has shared-masks")
+    if self.model is None and (self.noise_floor or self.keras_dense_gradients):
+      raise ValueError("--noise-floor and --keras-dense-gradients are for a MODEL")
     if self.model is not None and self.dropout == "shared-masks":
       raise ValueError("dropout 'shared-masks' is for the tutorial MLP; a MODEL has off or random")
 

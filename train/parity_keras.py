@@ -122,12 +122,14 @@ def train_keras_model(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> di
   Args:
     arrays: ``x0, x1, ...`` (the inputs, all N examples), ``y0, y1, ...`` (the targets) and
       ``index`` int64 [steps, batch] (the rows of each step).
-    spec: ``model`` (the file), ``seed``, ``threads``, ``eager``, ``recorded``.
+    spec: ``model`` (the file), ``seed``, ``threads``, ``eager``, ``recorded``,
+      ``dense_gradients`` (densify IndexedSlices gradients before the optimizer).
 
   Returns:
     ``names`` (Keras's variable paths, ``model.weights`` order), ``trainable`` (bool per name),
     ``init/<i>``, ``params/<i>`` ([len(recorded), *shape]), ``grads_step1/<i>`` (trainable
-    ones), ``loss`` (f32 [steps], the total loss), ``iterations``, ``versions`` (JSON), with
+    ones), ``loss`` (f32 [steps], the total loss), ``iterations``, ``versions`` (JSON),
+    ``sparse_gradients`` (JSON: the variables whose gradients were IndexedSlices), with
     ``<i>`` the variable's position in ``names``.
   """
   import keras
@@ -148,12 +150,22 @@ def train_keras_model(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> di
   trainable = list(model.trainable_variables)
   position = {id(v): i for i, v in enumerate(variables)}
 
+  sparse: list[str] = []  # Variables whose gradient TensorFlow gives as IndexedSlices.
+
   def train_step(x, y):
     with tf.GradientTape() as tape:
       y_pred = model(x, training=True)
       loss = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
       scaled = model.optimizer.scale_loss(loss)
     grads = tape.gradient(scaled, trainable)
+    for v, g in zip(trainable, grads, strict=True):  # At trace time: Python, once.
+      if isinstance(g, tf.IndexedSlices) and v.path not in sparse:
+        sparse.append(v.path)
+    if spec["dense_gradients"]:
+      # Keras's Adam on TF applies an IndexedSlices gradient slice by slice: a row repeated in
+      # the batch has each slice squared on its own into v (and m decays once per slice), rows
+      # not in the batch are not decayed. Densified, the update is the dense Adam of Keras-JAX.
+      grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
     model.optimizer.apply_gradients(zip(grads, trainable, strict=True))
     return loss, grads
 
@@ -172,13 +184,17 @@ def train_keras_model(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> di
     losses.append(np.float32(loss.numpy()))
     if t == 0:
       out.update(
-        {f"grads_step1/{position[id(v)]}": g.numpy() for v, g in zip(trainable, grads, strict=True)}
+        {
+          f"grads_step1/{position[id(v)]}": tf.convert_to_tensor(g).numpy()
+          for v, g in zip(trainable, grads, strict=True)
+        }
       )
     if t + 1 in recorded:
       for i, v in enumerate(variables):
         params[i].append(v.numpy())
   out.update({f"params/{i}": np.stack(p) for i, p in enumerate(params)})
   out["names"] = np.array([v.path for v in variables])
+  out["sparse_gradients"] = np.array(json.dumps(sparse))
   out["trainable"] = np.array([any(v is w for w in trainable) for v in variables])
   out["loss"] = np.array(losses, np.float32)
   out["iterations"] = np.int64(model.optimizer.iterations.numpy())

@@ -240,6 +240,9 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
   top.plot(steps, positive(report["param_rel"]), label="max |Δθ| / max |θ|")
   if "state_rel" in report:
     top.plot(steps, positive(report["state_rel"]), label="non-trainable: max |Δs| / max |s|")
+  if "noise_floor" in report:
+    floor = report["noise_floor"]
+    top.plot(steps, positive(floor["param_rel"]), ls=":", label="Keras vs Keras (other TF kernels)")
   top.axhline(
     report["tolerance"],
     color="red",
@@ -279,6 +282,12 @@ def summary(report: dict[str, Any]) -> str:
   verdict = "PASS" if report["passed"] else "FAIL"
   if "max_state_rel" in report:
     lines.append(f"non-trainable variables: worst rel {report['max_state_rel']:.3e}")
+  if "noise_floor" in report:
+    floor = report["noise_floor"]
+    lines.append(
+      f"noise floor ({floor['what']}): worst rel {floor['max_rel']:.3e}, "
+      f"|Δloss| {floor['max_loss_abs']:.3e}"
+    )
   if "mean_loss_rel" in report:
     lines.append(
       f"random layers on: mean-loss rel {report['mean_loss_rel']:.3e}; tolerance "
