@@ -462,6 +462,29 @@ def mixed_float16():
   return model, _sample([_normal(8, 8, 3)], [_labels(4)])
 
 
+@zoo("frozen_base", "sce_logits")
+def frozen_base():
+  """Transfer learning: a frozen nested base (its BatchNormalization in inference mode) and a
+  trained head; Keras keeps no Adam slots for the base."""
+  keras = _seed()
+  L = keras.layers
+  base = keras.Sequential(
+    [
+      keras.Input((10, 10, 3)),
+      L.Conv2D(8, 3, activation="relu"),
+      L.BatchNormalization(),
+      L.MaxPooling2D(),
+    ],
+    name="base",
+  )
+  base.trainable = False
+  x = keras.Input((10, 10, 3))
+  h = L.GlobalAveragePooling2D()(base(x, training=False))
+  model = keras.Model(x, L.Dense(4)(L.Dense(8, activation="relu")(h)))
+  _compile(model, _sce())
+  return model, _sample([_normal(10, 10, 3)], [_labels(4)])
+
+
 @zoo("multi_io_shared", "sce_logits", "mse")
 def multi_io_shared():
   keras = _seed()
@@ -514,7 +537,9 @@ def misc_layers():
 # --- applications ---------------------------------------------------------------------------
 
 
-@zoo("mobilenet_v2", "sce_probs")
+# ~50 s of CPU (fit and the training-mode gradients of 155 layers): benchmark only, like
+# EfficientNetB0 below.
+@zoo("mobilenet_v2", "sce_probs", in_suite=False)
 def mobilenet_v2():
   keras = _seed()
   model = keras.applications.MobileNetV2(
@@ -524,7 +549,7 @@ def mobilenet_v2():
   return model, _sample([_normal(32, 32, 3)], [_labels(10)])
 
 
-# ~80 s of CPU for fit and four compilations of 239 layers: the benchmark runs it, not the suite.
+# ~80 s of CPU (fit and four compilations of 239 layers): the benchmark runs it, not the suite.
 @zoo("efficientnet_b0", "sce_probs", in_suite=False)
 def efficientnet_b0():
   keras = _seed()
@@ -726,9 +751,9 @@ def check(name: str, workdir: str | Path, *, seed: int = 0) -> Report:
     workdir / f"{name}.grads.weights.h5", model_config=ckpt.model_config
   ).layers
   rel = 0.0
-  for a, b in zip(ours_as_keras, keras_as_keras, strict=True):
-    assert a.name == b.name and list(a.weights) == list(b.weights), (a.name, b.name)
-    for var in a.weights:  # non-trainable variables: the unchanged values on both sides
+  for a, b, t in zip(ours_as_keras, keras_as_keras, ckpt.layers, strict=True):
+    assert a.name == b.name == t.name and list(a.weights) == list(b.weights), (a.name, b.name)
+    for var in t.trainable:  # Keras differentiates these; a frozen layer's Params are not
       ga, gb = a.weights[var].astype("f8"), b.weights[var].astype("f8")
       scale = float(np.max(np.abs(gb))) or 1.0
       rel = max(rel, float(np.max(np.abs(ga - gb))) / scale)
@@ -738,7 +763,7 @@ def check(name: str, workdir: str | Path, *, seed: int = 0) -> Report:
   flax_params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
   layers = C.from_flax(nnx.to_pure_dict(nnx.state(ours)), ckpt.layers)
   if ckpt.optimizer is not None:
-    tx = C.keras_optimizer(ckpt)
+    tx = C.converted_optimizer(ckpt, flax_params)  # Keras's Adam; frozen layers set to zero
     opt_state = C.adam_state(ckpt, tx, flax_params)
     keras_state = C.keras_adam_state(
       opt_state,

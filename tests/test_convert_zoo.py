@@ -36,7 +36,9 @@ pytestmark = pytest.mark.filterwarnings(
 XFAIL: dict[str, str] = {}
 
 # Keras on TensorFlow: float32 kernels other than XLA's (oneDNN convolutions and matmuls, TF's
-# LSTM and softmax), so the logits agree to float32 rounding of sums, not bit for bit.
+# LSTM and softmax), so the logits agree to float32 rounding of sums, not bit for bit. Measured
+# max |ours - Keras-TF|: cnn_bn_dropout 1.8e-7, bilstm_tagger 7.5e-9, transformer_encoder
+# 1.5e-7, unet 3.6e-7 (logits of magnitude ~1 to 10).
 TF_MODELS = ("cnn_bn_dropout", "bilstm_tagger", "transformer_encoder", "unet")
 TF_RTOL = 1e-5  # max |ours - Keras-TF| <= TF_RTOL * max(1, max |Keras-TF|)
 
@@ -99,5 +101,6 @@ def test_zoo_against_keras_tensorflow(zoo_report):
     for j, ours in enumerate(r.our_logits):
       tf = out[f"{i}_y{j}"]
       assert tf.shape == ours.shape, (r.name, tf.shape, ours.shape)
-      bound = TF_RTOL * max(1.0, float(np.max(np.abs(tf))))
-      np.testing.assert_allclose(ours, tf, rtol=0, atol=bound, err_msg=r.name)
+      scale = max(1.0, float(np.max(np.abs(tf))))
+      print(f"{r.name} output {j}: max |ours - Keras-TF| = {np.max(np.abs(ours - tf)):.3g}")
+      np.testing.assert_allclose(ours, tf, rtol=0, atol=TF_RTOL * scale, err_msg=r.name)
