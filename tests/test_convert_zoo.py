@@ -38,8 +38,9 @@ XFAIL: dict[str, str] = {}
 # Keras on TensorFlow: float32 kernels other than XLA's (oneDNN convolutions and matmuls, TF's
 # LSTM and softmax), so the logits agree to float32 rounding of sums, not bit for bit. Measured
 # max |ours - Keras-TF|: cnn_bn_dropout 1.8e-7, bilstm_tagger 7.5e-9, transformer_encoder
-# 1.5e-7, unet 3.6e-7 (logits of magnitude ~1 to 10).
-TF_MODELS = ("cnn_bn_dropout", "bilstm_tagger", "transformer_encoder", "unet")
+# 1.5e-7, text_masked_pool 1.9e-9 (unet, not in the list: 3.6e-7), logits of magnitude ~1 to 10.
+# Four of the cheaper models (under xdist a worker may train them again for this test).
+TF_MODELS = ("cnn_bn_dropout", "bilstm_tagger", "transformer_encoder", "text_masked_pool")
 TF_RTOL = 1e-5  # max |ours - Keras-TF| <= TF_RTOL * max(1, max |Keras-TF|)
 
 
