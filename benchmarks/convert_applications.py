@@ -135,6 +135,55 @@ def forward_functions(keras_model, flax_model, batch: int) -> dict[str, Callable
   }
 
 
+def _canonical_hlo(text: str) -> list[str]:
+  """Optimized HLO instructions with names, parameter numbers and metadata stripped, sorted:
+  two programs that differ only in how their arguments are named and ordered compare equal."""
+  import re
+
+  lines = []
+  for line in text.splitlines():
+    if "%" not in line or line.lstrip().startswith(("HloModule", "ENTRY")):
+      continue
+    line = re.sub(r", (metadata|frontend_attributes|backend_config|sharding)=\{[^}]*\}", "", line)
+    line = re.sub(r"parameter\(\d+\)", "parameter(N)", line)
+    lines.append(re.sub(r"%[\w.\-]+", "%v", line.strip()))
+  return sorted(lines)
+
+
+def compare_hlo(keras_model, flax_model, x) -> dict[str, Any]:
+  """Compiles our forward pass and the jitted Keras call for ``x`` (seconds each) and compares
+  their optimized HLO (:func:`_canonical_hlo`) and XLA's cost analysis."""
+  import jax
+  from flax import nnx
+
+  graphdef, state = nnx.split(flax_model)
+  ours = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, training=False))
+  keras_jit = jax.jit(lambda t, n, x: keras_model.stateless_call(t, n, x, training=False)[0])
+  t0 = time.perf_counter()
+  ours_compiled = ours.lower(state, x).compile()
+  t1 = time.perf_counter()
+  with _keras_broadcasting():
+    keras_compiled = keras_jit.lower(
+      [v.value for v in keras_model.trainable_variables],
+      [v.value for v in keras_model.non_trainable_variables],
+      x,
+    ).compile()
+  t2 = time.perf_counter()
+  a, b = _canonical_hlo(ours_compiled.as_text()), _canonical_hlo(keras_compiled.as_text())
+
+  def cost(c):
+    c = c.cost_analysis()
+    c = c[0] if isinstance(c, list) else c
+    return {k: float(c.get(k, float("nan"))) for k in ("flops", "bytes accessed")}
+
+  return {
+    "compile_s": {"ours": t1 - t0, "Keras jit call": t2 - t1},
+    "instructions": {"ours": len(a), "Keras jit call": len(b)},
+    "same_hlo": a == b,
+    "cost": {"ours": cost(ours_compiled), "Keras jit call": cost(keras_compiled)},
+  }
+
+
 def make_batch(config: AppConfig, input_shape: tuple[int, ...], batch: int, seed: int = 0):
   lo, hi = INPUT_RANGE.get(config.name, (-1.0, 1.0))
   rng = np.random.default_rng(seed)
@@ -212,15 +261,24 @@ def run_app(
     fns = forward_functions(keras_model, flax_model, batch)
     timing = time_forward(fns, x_host, x_device, repeats, warmup)
     parity = check_parity(fns, x_host, x_device)
-    result["batches"][batch] = {"timing": timing, "parity": parity}
+    hlo = compare_hlo(keras_model, flax_model, x_device)
+    result["batches"][batch] = {"timing": timing, "parity": parity, "hlo": hlo}
     med = {k: statistics.median(v) for k, v in timing["times_s"].items()}
     log(
       f"  batch {batch}: "
       + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items())
       + f"; vs predict max|diff| {parity['Keras predict']['max_abs_diff']:.3g}"
-      + f" identical {parity['Keras predict']['identical']}"
+      + f" identical {parity['Keras predict']['identical']}; same optimized HLO as the"
+      + f" jitted Keras call {hlo['same_hlo']}"
     )
   return result
+
+
+def _ratio(num: list[float], den: list[float]) -> str:
+  """Ratio of the medians, then [median min-max] of the per-round ratios."""
+  per = [n / d for n, d in zip(num, den, strict=True)]
+  med = statistics.median
+  return f"{med(num) / med(den):.2f} [{med(per):.2f} {min(per):.2f}-{max(per):.2f}]"
 
 
 def report(results: list[dict[str, Any]], command: str, repeats: int, warmup: int) -> str:
@@ -279,7 +337,10 @@ def report(results: list[dict[str, Any]], command: str, repeats: int, warmup: in
     "`ours`: the jitted `nnx.merge(graphdef, state)(x)`, device input, `block_until_ready`; "
     "`ours e2e`: the same with NumPy in and NumPy out; `predict`: `model.predict(x, "
     "batch_size=B, verbose=0)`; `Keras jit`: jitted `model.stateless_call(..., training=False)`. "
-    "Ratio > 1: ours is faster. First call: seconds, compilation included.",
+    "Ratios > 1: ours is faster; each is the ratio of the medians, then in brackets the median "
+    "[min-max] of the per-round ratios (the two calls of one round run back to back). The jitted "
+    "Keras call compiles the same HLO as ours (table below), so its spread around 1.00 is the "
+    "noise of this machine. First call: seconds, compilation included.",
     "",
     "| model | batch | ours | ours e2e | predict | Keras jit | predict / ours | "
     "predict / ours e2e | Keras jit / ours | first call ours / predict / Keras jit (s) |",
@@ -287,14 +348,42 @@ def report(results: list[dict[str, Any]], command: str, repeats: int, warmup: in
   ]
   for r in results:
     for b, d in r["batches"].items():
-      t = {k: med(v) for k, v in d["timing"]["times_s"].items()}
+      times = d["timing"]["times_s"]
+      t = {k: med(v) for k, v in times.items()}
       f = d["timing"]["first_s"]
+
+      def ratio(num, den, times=times):
+        return _ratio(times[num], times[den])
+
       lines.append(
         f"| {r['label']} | {b} | {1e3 * t['ours']:.1f} | {1e3 * t['ours end to end']:.1f} | "
         f"{1e3 * t['Keras predict']:.1f} | {1e3 * t['Keras jit call']:.1f} | "
-        f"{t['Keras predict'] / t['ours']:.2f} | {t['Keras predict'] / t['ours end to end']:.2f} | "
-        f"{t['Keras jit call'] / t['ours']:.2f} | {f['ours']:.1f} / {f['Keras predict']:.1f} / "
+        f"{ratio('Keras predict', 'ours')} | {ratio('Keras predict', 'ours end to end')} | "
+        f"{ratio('Keras jit call', 'ours')} | {f['ours']:.1f} / {f['Keras predict']:.1f} / "
         f"{f['Keras jit call']:.1f} |"
+      )
+  lines += [
+    "",
+    "## Compiled programs: ours against the jitted Keras call",
+    "",
+    "Optimized HLO compared instruction by instruction after stripping names, parameter numbers "
+    "and metadata (sorted, so only the arguments' order and names may differ); GFLOP and GB "
+    "from XLA's cost analysis; compile seconds from `lower(...).compile()`.",
+    "",
+    "| model | batch | same optimized HLO | instructions ours / Keras | GFLOP ours / Keras | "
+    "GB accessed ours / Keras | compile s ours / Keras |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    for b, d in r["batches"].items():
+      h = d["hlo"]
+      o, k = h["cost"]["ours"], h["cost"]["Keras jit call"]
+      lines.append(
+        f"| {r['label']} | {b} | {'yes' if h['same_hlo'] else 'no'} | "
+        f"{h['instructions']['ours']} / {h['instructions']['Keras jit call']} | "
+        f"{o['flops'] / 1e9:.1f} / {k['flops'] / 1e9:.1f} | "
+        f"{o['bytes accessed'] / 1e9:.2f} / {k['bytes accessed'] / 1e9:.2f} | "
+        f"{h['compile_s']['ours']:.1f} / {h['compile_s']['Keras jit call']:.1f} |"
       )
   return "\n".join(lines) + "\n"
 

@@ -25,6 +25,9 @@ def test_tiny_application_converts_matches_and_is_timed(tmp_path):
   for ref in ("Keras predict", "Keras jit call"):
     assert parity[ref]["identical"], (ref, parity[ref])
     assert parity[ref]["max_abs_diff"] == 0.0
+  # The converted model compiles to the same program as Keras's own jitted call.
+  assert d["hlo"]["same_hlo"], d["hlo"]["instructions"]
+  assert d["hlo"]["cost"]["ours"]["flops"] > 0
   timing = d["timing"]
   assert set(timing["times_s"]) == {"ours", "ours end to end", "Keras predict", "Keras jit call"}
   for times in timing["times_s"].values():
@@ -32,3 +35,4 @@ def test_tiny_application_converts_matches_and_is_timed(tmp_path):
   text = bench.report([result], "python -m benchmarks.convert_applications --test", 2, 1)
   assert "MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, classes=10)" in text
   assert "python -m benchmarks.convert_applications --test" in text
+  assert "| yes |" in text
