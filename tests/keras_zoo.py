@@ -237,6 +237,20 @@ def bilstm_tagger():
   return model, _sample([_labels(25, 9)], [_labels(5, 9)])
 
 
+@zoo("masked_tagger", "sce_logits")
+def masked_tagger():
+  """A tagger on padded sentences: the output keeps Embedding's mask and Keras's loss averages
+  over the real tokens only."""
+  keras = _seed()
+  L = keras.layers
+  x = keras.Input((9,), dtype="int32")
+  h = L.Embedding(25, 8, mask_zero=True)(x)
+  h = L.Bidirectional(L.GRU(6, return_sequences=True), merge_mode="sum")(h)
+  model = keras.Model(x, L.Dense(5)(h))
+  _compile(model, _sce())
+  return model, _sample([_tokens(25, 9)], [_labels(5, 9)])
+
+
 @zoo("simplernn_state", "mse")
 def simplernn_state():
   keras = _seed()
@@ -571,21 +585,35 @@ def _keras_sparse_probs(labels, probs):
   probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
   log_prob = jnp.log(jnp.clip(probs, eps, 1.0 - eps))
   onehot = jax.nn.one_hot(labels, probs.shape[-1], dtype=log_prob.dtype)
-  return -jnp.mean(jnp.sum(onehot * log_prob, axis=-1))
+  return -jnp.sum(onehot * log_prob, axis=-1)
 
 
 def _losses():
+  """Per-sample (or per-step) losses, as Keras's loss functions before their reduction."""
   import jax.numpy as jnp
   import optax
 
   return {
-    "mse": lambda y, p: jnp.mean(jnp.square(p - y)),
-    "sce_logits": lambda y, p: jnp.mean(
-      optax.softmax_cross_entropy_with_integer_labels(p, y.reshape(p.shape[:-1]))
+    "mse": lambda y, p: jnp.mean(jnp.square(p - y), axis=-1),
+    "sce_logits": lambda y, p: optax.softmax_cross_entropy_with_integer_labels(
+      p, y.reshape(p.shape[:-1])
     ),
     "sce_probs": lambda y, p: _keras_sparse_probs(y.reshape(p.shape[:-1]), p),
-    "bce_logits": lambda y, p: jnp.mean(optax.sigmoid_binary_cross_entropy(p, y.astype(p.dtype))),
+    "bce_logits": lambda y, p: jnp.mean(
+      optax.sigmoid_binary_cross_entropy(p, y.astype(p.dtype)), axis=-1
+    ),
   }
+
+
+def _reduce(losses, mask):
+  """Keras's "sum_over_batch_size" with an output mask (keras/src/losses/loss.py apply_mask):
+  the mean over the unmasked entries."""
+  import jax.numpy as jnp
+
+  if mask is None:
+    return jnp.mean(losses)
+  mask = mask.astype(losses.dtype)
+  return jnp.sum(losses * mask) / jnp.sum(mask)
 
 
 # --- the checks -----------------------------------------------------------------------------
@@ -727,10 +755,11 @@ def check(name: str, workdir: str | Path, *, seed: int = 0) -> Report:
     # copy=True: fresh variables at this trace level (BatchNormalization writes its moving
     # statistics in training mode, which an outer-level variable refuses under jax.grad).
     m = nnx.merge(graphdef, params, rest, copy=True)
-    out, _, activity = m.run(list(x), None, training=training, rngs=None)
-    outs = out if isinstance(out, list) else [out]
+    out, masks, activity = m.run(list(x), None, training=training, rngs=None)
+    outs, masks = (out, masks) if isinstance(out, list) else ([out], [masks])
     total = sum(
-      losses[k](t, o.astype("float32")) for k, t, o in zip(entry.loss, y, outs, strict=True)
+      _reduce(losses[k](t, o.astype("float32")), mask)
+      for k, t, o, mask in zip(entry.loss, y, outs, masks, strict=True)
     )
     return total + sum(m.losses()) + sum(activity)
 
