@@ -37,6 +37,7 @@ COLUMNS = (
   "bit-identical",
   "gradient max rel diff (mode)",
   "round trip (weights, optimizer, iterations)",
+  "in the suite",
 )
 
 
@@ -55,6 +56,7 @@ def row(r: keras_zoo.Report) -> list[str]:
     "yes" if r.bit_identical else "no",
     f"{r.grad_max_rel:.2g} ({r.grad_mode})",
     trip,
+    "yes" if keras_zoo.ZOO[r.name].in_suite else "no (too slow)",
   ]
 
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     "|" + "---|" * len(COLUMNS),
   ]
   print("\n".join(lines), flush=True)
-  failed = 0
+  failed, start = 0, time.perf_counter()
   with tempfile.TemporaryDirectory(prefix="convert_zoo_") as tmp:
     for name in names:
       try:
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
       line = "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
       lines.append(line)
       print(line, flush=True)
+  lines += ["", f"{len(names)} models in {time.perf_counter() - start:.0f} s."]
+  print(lines[-1])
   if args.output:
     with open(args.output, "w") as f:
       f.write("\n".join(lines) + "\n")

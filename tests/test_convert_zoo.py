@@ -105,3 +105,18 @@ def test_zoo_against_keras_tensorflow(zoo_report):
       scale = max(1.0, float(np.max(np.abs(tf))))
       print(f"{r.name} output {j}: max |ours - Keras-TF| = {np.max(np.abs(ours - tf)):.3g}")
       np.testing.assert_allclose(ours, tf, rtol=0, atol=TF_RTOL * scale, err_msg=r.name)
+
+
+def test_benchmark_table(tmp_path, capsys):
+  from benchmarks import convert_zoo
+
+  out = tmp_path / "zoo.md"
+  assert convert_zoo.main(["--models", "sgd_cnn", "--output", str(out)]) == 0
+  table = out.read_text()
+  (row,) = [line for line in table.splitlines() if line.startswith("| sgd_cnn |")]
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert len(cells) == len(convert_zoo.COLUMNS)
+  assert cells[5] == "yes" and "SGD not carried" in cells[7]
+  assert row in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    convert_zoo.main(["--models", "no_such_model"])
