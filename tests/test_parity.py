@@ -415,3 +415,54 @@ def test_any_model_negative_control_fails(conv_lstm, tmp_path):
   )
   report = parity.run_parity(config, tmp_path)
   assert not report["passed"] and report["max_param_rel"] > 10 * MODEL_TOLERANCE
+
+
+def test_random_mode_reports_and_judges_the_mean_loss(tmp_path):
+  keras = pytest.importorskip("keras")
+  from keras import layers
+
+  keras.utils.set_random_seed(3)
+  with jax.numpy_rank_promotion("allow"):
+    model = keras.Sequential(
+      [
+        keras.Input((6,)),
+        layers.Dense(16, activation="relu", name="hidden"),
+        layers.Dropout(0.5, name="drop"),
+        layers.Dense(1, name="out"),
+      ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    path = tmp_path / "mlp.keras"
+    model.save(path)
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "mlp.npz", x=rng.normal(size=(64, 6)), y=rng.normal(size=(64, 1)))
+  config = parity.ParityConfig(
+    model=str(path), data=str(tmp_path / "mlp.npz"), steps=8, dropout="random", plot=False
+  )
+  report = parity.run_parity(config, tmp_path)
+  assert report["random_layers"] == ["drop: Dropout.rate=0.5"]
+  assert report["randomness"] == "random" and report["trained_file"] == str(path)
+  assert report["tolerance"] == parity.RANDOM_TOLERANCE
+  assert report["criterion"].startswith("random layers on")
+  # Different masks: the parameters differ by far more than rounding (dropout really ran on
+  # both sides), and the verdict is the mean loss's.
+  assert report["max_param_rel"] > 1e-4
+  k, j = np.mean(report["loss_keras"]), np.mean(report["loss_jax"])
+  assert report["mean_loss_rel"] == pytest.approx(abs(j - k) / abs(k))
+  assert report["passed"] == (report["mean_loss_rel"] <= parity.RANDOM_TOLERANCE)
+  assert any("left on" in note for note in report["notes"])
+
+
+def test_noise_floor_figures():
+  a = {"params": {"w": np.ones((2, 3), np.float32)}, "state": {}, "loss": np.ones(2, np.float32)}
+  b = {
+    "params": {"w": np.array([[1, 1, 1], [1, 1.5, 1]], np.float32)},
+    "state": {},
+    "loss": np.array([1, 1.25], np.float32),
+    "seconds": 0.0,
+  }
+  floor = parity_model.noise_floor(a, b, "0")
+  assert floor["param_rel"] == [0.0, 0.5] and floor["max_rel"] == 0.5
+  assert floor["max_loss_abs"] == 0.25 and floor["state_rel"] == []
+  with pytest.raises(ValueError, match="for a MODEL"):
+    parity.ParityConfig(noise_floor=True)

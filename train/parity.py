@@ -185,7 +185,8 @@ class ParityConfig:
   noise_floor: bool = option(
     False,
     "with a MODEL: train it in Keras a second time with TensorFlow's other CPU kernels "
-    "(TF_ENABLE_ONEDNN_OPTS flipped), report how far Keras drifts from itself, and without "
+    "(TF_ENABLE_ONEDNN_OPTS flipped) from weights one ulp off, report how far Keras drifts "
+    "from itself, and without "
     f"--tolerance pass when JAX stays within {NOISE_FACTOR}x that (and {MODEL_TOLERANCE:g})",
   )
   model: str | None = option(

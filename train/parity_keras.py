@@ -123,7 +123,8 @@ def train_keras_model(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> di
     arrays: ``x0, x1, ...`` (the inputs, all N examples), ``y0, y1, ...`` (the targets) and
       ``index`` int64 [steps, batch] (the rows of each step).
     spec: ``model`` (the file), ``seed``, ``threads``, ``eager``, ``recorded``,
-      ``dense_gradients`` (densify IndexedSlices gradients before the optimizer).
+      ``dense_gradients`` (densify IndexedSlices gradients before the optimizer),
+      ``perturb_seed`` (optional: start from the weights moved by one ulp, signs from this seed).
 
   Returns:
     ``names`` (Keras's variable paths, ``model.weights`` order), ``trainable`` (bool per name),
@@ -149,6 +150,14 @@ def train_keras_model(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> di
   variables = list(model.weights)
   trainable = list(model.trainable_variables)
   position = {id(v): i for i, v in enumerate(variables)}
+  if spec.get("perturb_seed") is not None:
+    # The noise-floor run: every trainable weight moved by one ulp, up or down at random, so
+    # the run starts a rounding error away from the other and shows how training grows that.
+    rng = np.random.default_rng(spec["perturb_seed"])
+    for v in trainable:
+      w = v.numpy()
+      up = rng.random(w.shape) < 0.5
+      v.assign(np.where(up, np.nextafter(w, np.inf), np.nextafter(w, -np.inf)).astype(w.dtype))
 
   sparse: list[str] = []  # Variables whose gradient TensorFlow gives as IndexedSlices.
 

@@ -409,11 +409,13 @@ def run_keras_model(
   *,
   timeout: float = 3600.0,
   env: dict[str, str] | None = None,
+  perturb_seed: int | None = None,
 ) -> dict[str, Any]:
   """Trains ``model_path`` in Keras on TensorFlow in a subprocess; returns its record by name.
 
   ``env``: extra environment variables for the subprocess (``TF_ENABLE_ONEDNN_OPTS=0`` runs
-  TensorFlow's Eigen kernels instead of oneDNN's: the noise-floor control).
+  TensorFlow's Eigen kernels instead of oneDNN's). ``perturb_seed``: start from the trainable
+  weights moved by one ulp each, up or down at random (the noise-floor control).
   """
   from adamjax.testing import call_in_keras_backend
   from train import parity_keras
@@ -425,6 +427,7 @@ def run_keras_model(
     "eager": config.keras_eager,
     "recorded": [int(s) for s in recorded],
     "dense_gradients": config.keras_dense_gradients,
+    "perturb_seed": perturb_seed,
   }
   arrays = {f"x{i}": x for i, x in enumerate(xs)}
   arrays.update({f"y{i}": y for i, y in enumerate(ys)})
@@ -472,7 +475,10 @@ def noise_floor(keras_run: dict, other: dict, flipped: str) -> dict[str, Any]:
     state_rel = compare_params(other["state"], keras_run["state"])["param_rel"]
   loss = np.abs(other["loss"].astype(np.float64) - keras_run["loss"])
   return {
-    "what": f"Keras (TensorFlow) against itself with TF_ENABLE_ONEDNN_OPTS={flipped}",
+    "what": (
+      f"Keras (TensorFlow) against itself with TF_ENABLE_ONEDNN_OPTS={flipped} and its initial "
+      "trainable weights one ulp off"
+    ),
     "param_rel": rel,
     "state_rel": state_rel,
     "max_param_rel": float(np.max(rel)),
@@ -500,10 +506,19 @@ def run_parity_model(config: Any, workdir: Path) -> dict[str, Any]:
   keras_run = run_keras_model(config, model_path, xs, ys, index, recorded)
   floor = None
   if config.noise_floor:
-    # Keras against itself: the same run on TensorFlow's other CPU kernels (oneDNN <-> Eigen).
+    # Keras against itself, one rounding error apart: TensorFlow's other CPU kernels (oneDNN
+    # <-> Eigen) and every trainable weight one ulp off. How far that grows over the run is
+    # what float32 rounding alone does to this model's training.
     flipped = "0" if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0" else "1"
     other = run_keras_model(
-      config, model_path, xs, ys, index, recorded, env={"TF_ENABLE_ONEDNN_OPTS": flipped}
+      config,
+      model_path,
+      xs,
+      ys,
+      index,
+      recorded,
+      env={"TF_ENABLE_ONEDNN_OPTS": flipped},
+      perturb_seed=config.seed + 1,
     )
     floor = noise_floor(keras_run, other, flipped)
   jax_run = run_jax_model(
