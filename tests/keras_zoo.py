@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 BATCH = 4  # fit runs two steps of this batch size
-# Layers that draw random numbers in training mode: with one of them, gradients are compared in
-# inference mode (Keras's seed generator and nnx.Rngs draw different masks).
+# Layers that draw random numbers in training mode: with one of them (or a dropout or
+# recurrent_dropout option above 0), gradients are compared in inference mode (Keras's seed
+# generator and nnx.Rngs draw different masks).
 STOCHASTIC = {
   "Dropout",
   "SpatialDropout1D",
@@ -44,7 +45,8 @@ class Entry:
 
   Attributes:
     build: ``() -> (compiled keras model, sample)``.
-    loss: per output, the loss our side computes (a key of :data:`LOSSES`), as compiled.
+    loss: per output, the loss our side computes (a key of :func:`_losses`: ``mse``,
+      ``sce_logits``, ``sce_probs``, ``bce_logits``), the same as the model compiles.
     logit_bound: 0.0 where our logits are bit-identical to Keras-JAX; otherwise the max
       |difference| allowed, with ``why``.
     grad_rtol: max over variables of max|ours - Keras| / max|Keras| for one-step gradients.
@@ -66,6 +68,8 @@ ZOO: dict[str, Entry] = {}
 
 
 def zoo(name: str, *loss: str, **expect: Any):
+  """Registers a builder in :data:`ZOO` as ``name`` (``loss`` and ``expect``: see Entry)."""
+
   def register(fn):
     ZOO[name] = Entry(fn, loss, **expect)
     return fn
@@ -642,20 +646,22 @@ class Report:
   our_logits: list = dataclasses.field(default_factory=list)
   timings: dict = dataclasses.field(default_factory=dict)
 
-  @property
-  def roundtrip_ok(self) -> bool:
-    return self.roundtrip_weights and self.roundtrip_optimizer is not False
 
-
-def _class_names(config: Any) -> set[str]:
+def _stochastic(config: Any) -> bool:
+  """Whether a model config has a layer that draws random numbers in training mode."""
   if isinstance(config, dict):
-    names = {config["class_name"]} if isinstance(config.get("class_name"), str) else set()
-    for v in config.values():
-      names |= _class_names(v)
-    return names
+    if config.get("class_name") in STOCHASTIC:
+      return True
+    inner = config.get("config")
+    if isinstance(inner, dict) and any(
+      isinstance(inner.get(k), (int, float)) and inner[k] > 0
+      for k in ("dropout", "recurrent_dropout")
+    ):
+      return True
+    return any(_stochastic(v) for v in config.values())
   if isinstance(config, list):
-    return set().union(*map(_class_names, config)) if config else set()
-  return set()
+    return any(_stochastic(v) for v in config)
+  return False
 
 
 def _count_layers(config: dict) -> int:
@@ -736,7 +742,7 @@ def check(name: str, workdir: str | Path, *, seed: int = 0) -> Report:
   identical = all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
 
   # One-step gradients of the compiled loss (plus regularization) w.r.t. trainable variables.
-  training = not (_class_names(ckpt.model_config) & STOCHASTIC)
+  training = not _stochastic(ckpt.model_config)
   mv = [v.value for v in model.metrics_variables]
   ov = [v.value for v in model.optimizer.variables]
   kx = _one(x)
