@@ -795,7 +795,8 @@ def mutants(all_seeds: dict[str, list[Seed]], count: int, rng_seed: int):
 
 
 def check(path: Path, out_dir: Path, model_config: dict | None = None) -> str:
-  """What ``info`` and ``to-jax`` do with a file, and a write back to Keras; returns a note."""
+  """What ``info`` and ``to-jax`` do with a file, the model built from its config
+  (``flax_model``), and a write back to Keras; returns a note."""
   from adamjax import convert
   from adamjax.convert import __main__ as cli
   from adamjax.convert import _orbax
@@ -807,6 +808,8 @@ def check(path: Path, out_dir: Path, model_config: dict | None = None) -> str:
     _orbax.flax_variables(ckpt)
   else:
     _orbax.converted_tree(ckpt)
+  if ckpt.model_config is not None or model_config is not None:
+    convert.flax_model(ckpt, model_config=model_config)  # built and traced on its inputs
   convert.write(ckpt, out_dir / "out.weights.h5")
   if ckpt.format == "keras":
     convert.write(ckpt, out_dir / "out.keras")

@@ -249,8 +249,19 @@ def _history(config, layer):
     (lambda c: _history(c, "y").__setitem__(1, 7), "has no node 7"),
     (lambda c: c["config"]["layers"][1]["config"].__setitem__("activation", "evil"), "evil"),
     (lambda c: c["config"]["layers"][2]["config"].__setitem__("use_bias", False), "variables"),
+    (
+      lambda c: c["config"]["layers"][0]["config"].__setitem__("batch_shape", [None, 4]),
+      r"does not run on its declared inputs: layer dense \(Dense\)",
+    ),
   ],
-  ids=["cycle", "missing-layer", "missing-node", "unknown-activation", "bias-mismatch"],
+  ids=[
+    "cycle",
+    "missing-layer",
+    "missing-node",
+    "unknown-activation",
+    "bias-mismatch",
+    "input-does-not-fit-kernel",
+  ],
 )
 def test_malformed_graphs_are_refused_naming_the_problem(tmp_path, mutate, message):
   config = _functional_config(tmp_path)

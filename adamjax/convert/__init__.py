@@ -247,7 +247,8 @@ def flax_model(
 
   Raises:
     ConversionError: if there is no config, the config uses layers the registry does not
-      build (all are listed, with their paths), or the weights do not fit the config.
+      build (all are listed, with their paths), or the weights do not fit the config (the
+      model is traced once on the config's input shapes, without computing anything).
   """
   from adamjax.convert import _graph
 
@@ -268,4 +269,6 @@ def flax_model(
 
     _keras_config.check_config(model_config, f"{where} (model_config)")
   weights = {layer.name: layer.weights for layer in ckpt.layers}
-  return _graph.KerasModel(config, weights, source=where)
+  model = _graph.KerasModel(config, weights, source=where)
+  _graph.check_call(model, config, where)
+  return model

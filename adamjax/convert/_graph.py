@@ -216,6 +216,56 @@ def _flatten_refs(x: Any) -> list[_Ref]:
   return []
 
 
+class LayerCallError(ValueError):
+  """A layer of a built model failed on its inputs; the message names the layer."""
+
+
+def input_specs(config: dict[str, Any]) -> list[jax.ShapeDtypeStruct] | None:
+  """The model's inputs as the config declares them (unknown sizes taken as 2), or None when
+  the config does not say (a Sequential built without an ``Input``)."""
+  inner = config.get("config") or {}
+  entries = [e for e in inner.get("layers") or [] if isinstance(e, dict)]
+  inputs = [e for e in entries if e.get("class_name") == "InputLayer"]
+  if config.get("class_name") == "Sequential":
+    inputs = inputs[:1]
+  if not inputs:
+    return None
+  specs = []
+  for entry in inputs:
+    layer_config = entry.get("config") or {}
+    shape = layer_config.get("batch_shape", layer_config.get("batch_input_shape"))
+    dtype = layer_config.get("dtype", "float32")
+    if isinstance(dtype, dict):
+      dtype = (dtype.get("config") or {}).get("name", "float32")
+    if not isinstance(shape, list) or not all(
+      d is None or (isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31) for d in shape
+    ):
+      return None
+    if dtype not in ("float16", "bfloat16", "float32", "float64", "int32", "int64", "bool"):
+      return None
+    specs.append(jax.ShapeDtypeStruct(tuple(2 if d is None else d for d in shape), dtype))
+  return specs
+
+
+def check_call(model: KerasModel, config: dict[str, Any], source: str) -> None:
+  """Traces the model on the config's input shapes (``jax.eval_shape``: nothing is computed or
+  allocated), so a config whose layers do not fit together, or do not fit the weights, is
+  refused when the model is built, naming the layer, not when it is first called."""
+  specs = input_specs(config)
+  if specs is None:
+    return
+  graphdef, state = nnx.split(model)
+  try:
+    jax.eval_shape(lambda s, *x: nnx.merge(graphdef, s)(*x), state, *specs)
+  except LayerCallError as e:
+    raise ConversionError(f"{source}: the model does not run on its declared inputs: {e}") from None
+  except (ValueError, TypeError, IndexError, KeyError) as e:
+    raise ConversionError(
+      f"{source}: the model does not run on its declared inputs: {type(e).__name__}: "
+      f"{clip(str(e), 500)[1:-1]}"
+    ) from None
+
+
 class KerasModel(nnx.Module):
   """A Keras Sequential or Functional model as an NNX module (see the module docstring).
 
@@ -479,7 +529,14 @@ class KerasModel(nnx.Module):
     )
     if "mask" not in params:
       kwargs.pop("mask", None)
-    out = layer(*args, training=bool(training), rngs=rngs, **kwargs)
+    try:
+      out = layer(*args, training=bool(training), rngs=rngs, **kwargs)
+    except LayerCallError:
+      raise
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as e:
+      raise LayerCallError(
+        f"layer {attr} ({type(layer).__name__}): {type(e).__name__}: {clip(str(e), 500)[1:-1]}"
+      ) from e
     if layer.activity_regularizer is not None:
       losses.extend(
         _regularizers.penalty(layer.activity_regularizer, o) / o.shape[0]
