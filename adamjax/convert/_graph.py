@@ -46,8 +46,8 @@ def unsupported_layers(config: Any, prefix: str = "") -> list[str]:
   found = []
   inner = config.get("config") if isinstance(config, dict) else None
   entries = inner.get("layers") if isinstance(inner, dict) else None
-  if not isinstance(entries, list):
-    return found
+  if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+    return found  # KerasModel refuses the malformed model itself
   for entry, name in zip(entries, _names(config), strict=True):
     class_name = entry.get("class_name")
     if is_operation(entry):
@@ -107,7 +107,8 @@ class _Ref:
 def _refs(x: Any, where: str) -> Any:
   """A node's ``args``/``kwargs`` with each ``__keras_tensor__`` (Keras 3) replaced by a _Ref."""
   if isinstance(x, dict) and x.get("class_name") == "__keras_tensor__":
-    history = (x.get("config") or {}).get("keras_history")
+    config = x.get("config")
+    history = config.get("keras_history") if isinstance(config, dict) else None
     if (
       not isinstance(history, list)
       or len(history) != 3
@@ -223,8 +224,9 @@ class LayerCallError(ValueError):
 def input_specs(config: dict[str, Any]) -> list[jax.ShapeDtypeStruct] | None:
   """The model's inputs as the config declares them (unknown sizes taken as 2), or None when
   the config does not say (a Sequential built without an ``Input``)."""
-  inner = config.get("config") or {}
-  entries = [e for e in inner.get("layers") or [] if isinstance(e, dict)]
+  inner = config.get("config")
+  layers = inner.get("layers") if isinstance(inner, dict) else None
+  entries = [e for e in layers if isinstance(e, dict)] if isinstance(layers, list) else []
   inputs = [e for e in entries if e.get("class_name") == "InputLayer"]
   if config.get("class_name") == "Sequential":
     inputs = inputs[:1]
@@ -232,11 +234,14 @@ def input_specs(config: dict[str, Any]) -> list[jax.ShapeDtypeStruct] | None:
     return None
   specs = []
   for entry in inputs:
-    layer_config = entry.get("config") or {}
+    layer_config = entry.get("config")
+    if not isinstance(layer_config, dict):
+      return None
     shape = layer_config.get("batch_shape", layer_config.get("batch_input_shape"))
     dtype = layer_config.get("dtype", "float32")
     if isinstance(dtype, dict):
-      dtype = (dtype.get("config") or {}).get("name", "float32")
+      policy = dtype.get("config")
+      dtype = policy.get("name", "float32") if isinstance(policy, dict) else None
     if not isinstance(shape, list) or not all(
       d is None or (isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31) for d in shape
     ):
@@ -346,11 +351,7 @@ class KerasModel(nnx.Module):
     where = f"{source}: model {prefix or '$'}"
     if config["class_name"] == "Sequential":
       first = entries[0] if entries else {}
-      dtype = (
-        (first.get("config") or {}).get("dtype")
-        if first.get("class_name") == ("InputLayer")
-        else None
-      )
+      dtype = first["config"].get("dtype") if first.get("class_name") == ("InputLayer") else None
       steps = tuple((n, "", 0, (), ()) for n in names if n is not None)
       attributes = tuple(n for n in names if n is not None)
       return _Graph(
@@ -422,7 +423,12 @@ class KerasModel(nnx.Module):
       # One output: Keras 3 writes it flat unless the model was built with a list of one
       # (``Model(x, [y])``, which returns a list); tf-keras always nests, and returns the tensor.
       len(outputs) == 1
-      and ("module" not in config or not isinstance(inner.get("output_layers", [[]])[0], list)),
+      and (
+        "module" not in config
+        or not (
+          isinstance(inner["output_layers"], list) and isinstance(inner["output_layers"][0], list)
+        )
+      ),
       tuple(steps),
       tuple(
         by_user_name[e.get("name", e["config"].get("name"))]
