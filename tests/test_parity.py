@@ -466,3 +466,40 @@ def test_noise_floor_figures():
   assert floor["max_loss_abs"] == 0.25 and floor["state_rel"] == []
   with pytest.raises(ValueError, match="for a MODEL"):
     parity.ParityConfig(noise_floor=True)
+
+
+def test_two_outputs_masks_and_loss_weights(tmp_path):
+  # A masked sequence output (Embedding mask_zero -> LSTM sequences -> Dense: Keras weighs the
+  # loss by the mask) and a pooled one, a list of losses with loss_weights, Embedding gradients
+  # densified on the Keras side: the losses agree to float32 rounding only if every piece does.
+  keras = pytest.importorskip("keras")
+  from keras import layers
+
+  keras.utils.set_random_seed(4)
+  with jax.numpy_rank_promotion("allow"):
+    tokens = keras.Input((10,), dtype="int32")
+    h = layers.Embedding(20, 8, mask_zero=True, name="embedding")(tokens)
+    s = layers.LSTM(6, return_sequences=True, name="lstm")(h)
+    tags = layers.Dense(3, name="tags")(s)
+    score = layers.Dense(1, name="score")(layers.GlobalAveragePooling1D(name="pool")(s))
+    model = keras.Model(tokens, [tags, score])
+    scce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(keras.optimizers.Adam(5e-3), loss=[scce, "mse"], loss_weights=[1.0, 0.3])
+    model.save(tmp_path / "two.keras")
+  rng = np.random.default_rng(0)
+  x = rng.integers(1, 20, (64, 10))
+  x[np.arange(10)[None, :] >= rng.integers(3, 11, 64)[:, None]] = 0
+  np.savez(tmp_path / "two.npz", x=x, y0=rng.integers(0, 3, (64, 10)), y1=rng.normal(size=(64, 1)))
+  config = parity.ParityConfig(
+    model=str(tmp_path / "two.keras"),
+    data=str(tmp_path / "two.npz"),
+    steps=10,
+    keras_dense_gradients=True,
+    tolerance=MODEL_TOLERANCE,
+    plot=False,
+  )
+  report = parity.run_parity(config, tmp_path)
+  assert report["passed"], report["max_param_rel"]
+  assert report["keras_sparse_gradients"] == ["embedding/embeddings"]
+  assert report["max_loss_abs"] < 1e-5
+  assert max(v["max_ulps"] for v in report["step1_optimizer_only"].values()) <= ULP_BOUND
