@@ -339,3 +339,33 @@ def test_tf_keras_h5_full_model_with_recurrent_and_attention_layers(tmp_path):
   np.testing.assert_array_equal(
     mu, ckpt.optimizer.momentums["bidirectional", "backward_layer/cell/recurrent_kernel"]
   )
+
+
+def test_wrapped_layers_regularizers_and_constraints(tmp_path):
+  """Bidirectional's forward and backward layers carry their own regularizers and constraints."""
+  layers = keras.layers
+  model = keras.Sequential(
+    [
+      keras.Input((5, 3)),
+      layers.Bidirectional(
+        layers.LSTM(
+          4,
+          kernel_regularizer="l2",
+          recurrent_regularizer=keras.regularizers.L1(0.02),
+          kernel_constraint="non_neg",
+        )
+      ),
+      layers.Dense(2, kernel_regularizer="l1"),
+    ]
+  )
+  for w in model.weights:
+    w.assign(_x(*w.shape))
+  model.compile(optimizer="adam", loss="mse")
+  model.save(tmp_path / "m.keras")
+  ours = convert.flax_model(tmp_path / "m.keras")
+  model(_x(2, 5, 3))
+  assert len(ours.losses()) == len(model.losses) == 5
+  np.testing.assert_allclose(float(sum(ours.losses())), float(sum(model.losses)), rtol=1e-6)
+  ours.apply_constraints()
+  for direction in (ours.bidirectional.forward_layer, ours.bidirectional.backward_layer):
+    assert float(np.min(np.asarray(direction.cell.kernel[...]))) == 0.0

@@ -145,16 +145,23 @@ class Layer(nnx.Module):
 
   def losses(self) -> list[jax.Array]:
     """Penalties Keras adds to the loss for this layer's weights (its ``*_regularizer`` options),
-    in the variables' order, each computed on the stored (variable-dtype) value as Keras does."""
-    return [
+    in the variables' order, each computed on the stored (variable-dtype) value as Keras does;
+    then those of the layers it wraps (Bidirectional's forward and backward layers)."""
+    own = [
       _regularizers.penalty(spec, get_path(self, path)[...]) for path, spec in self.regularized
     ]
+    return own + [loss for layer in self._sublayers() for loss in layer.losses()]
 
   def apply_constraints(self) -> None:
     """Projects each constrained variable in place, as Keras does after an optimizer step."""
     for path, spec in self.constrained:
       variable = get_path(self, path)
       variable.set_value(_regularizers.constrain(spec, variable[...]))
+    for layer in self._sublayers():
+      layer.apply_constraints()
+
+  def _sublayers(self) -> list[Layer]:
+    return [value for value in vars(self).values() if isinstance(value, Layer)]
 
 
 def set_path(module: nnx.Module, path: str, value: Any) -> None:
