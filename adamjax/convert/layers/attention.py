@@ -157,6 +157,13 @@ class MultiHeadAttention(Layer):
 
   def __init__(self, config, weights):
     super().__init__(config, weights)
+    if self.activity_regularizer is not None:
+      # Keras hands it to the four projections (``_get_common_kwargs_for_sublayer``), whose
+      # outputs stay inside this module: the penalty cannot be added as Keras adds it.
+      raise ConversionError(
+        "MultiHeadAttention activity_regularizer applies to its query/key/value/output "
+        "projections' outputs, which the converted module does not expose"
+      )
     self.num_heads = _positive_int(config, "num_heads")
     self.key_dim = _positive_int(config, "key_dim")
     self.value_dim = _positive_int(config, "value_dim", self.key_dim)
