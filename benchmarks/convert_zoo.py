@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     "(plus regularization) per variable as max |ours - Keras| / max |Keras|, in training mode "
     "unless the model has dropout or noise; round trip: read -> adam_state -> "
     "keras_adam_state -> write `.keras` -> `keras.saving.load_model`, bit-identical weights and "
-    "optimizer variables, and the reloaded `iterations`. Convert time: `read` + `flax_model`.",
+    "optimizer variables, and the reloaded `iterations`. Convert time: `read` + `flax_model`. "
+    "Layers: the config's layers (nested models expanded, `keras.ops` nodes included, inputs "
+    "not).",
     "",
     "| " + " | ".join(COLUMNS) + " |",
     "|" + "---|" * len(COLUMNS),
