@@ -369,3 +369,29 @@ def test_wrapped_layers_regularizers_and_constraints(tmp_path):
   ours.apply_constraints()
   for direction in (ours.bidirectional.forward_layer, ours.bidirectional.backward_layer):
     assert float(np.min(np.asarray(direction.cell.kernel[...]))) == 0.0
+
+
+def test_mixed_float16_model_with_keras_loss_scaling(tmp_path):
+  """Under mixed_float16, compile wraps Adam in a LossScaleOptimizer; the Adam state is its
+  inner optimizer's, and the model computes in float16 with a float32 output layer."""
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    model = keras.Sequential(
+      [keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2, dtype="float32")]
+    )
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  model.compile(optimizer="adam", loss="mse")
+  model.fit(_x(8, 4), _x(8, 2), batch_size=4, verbose=0)
+  model.save(tmp_path / "m.keras")
+  ckpt = convert.read(tmp_path / "m.keras")
+  assert any("LossScaleOptimizer" in note for note in ckpt.notes)
+  inner = model.optimizer.inner_optimizer
+  assert ckpt.optimizer.iterations == int(inner.iterations) > 0  # overflowed steps are skipped
+  np.testing.assert_array_equal(
+    ckpt.optimizer.momentums["dense", "kernel"], np.asarray(inner.variables[2])
+  )
+  ours = convert.flax_model(ckpt)
+  x = _x(3, 4)
+  assert ours.dense.compute_dtype == "float16"
+  _assert_same(model(x), ours(x))

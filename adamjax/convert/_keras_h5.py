@@ -345,6 +345,21 @@ def _checkpoint(
         "carried over (adamjax continues Adam and AdamW only)"
       ],
     )
+  elif owners.get("optimizer/inner_optimizer", _Owner(None, {})).values:
+    # Keras wraps the compiled optimizer in a LossScaleOptimizer under a mixed_float16 policy
+    # (``compile(auto_scale_loss=True)``, the default) and saves the wrapped one's variables in
+    # ``optimizer/inner_optimizer``; its own are a step counter and the dynamic loss scale.
+    optimizer, notes = _read_optimizer(
+      owners["optimizer/inner_optimizer"], layers, spec.optimizer if spec else None, source
+    )
+    outer = _positional("optimizer", owners.get("optimizer", _Owner(None, {})), source)
+    scale = f"{float(np.asarray(outer[3])):g}" if len(outer) > 3 and outer[3].shape == () else "?"
+    notes.append(
+      f"a LossScaleOptimizer (mixed precision) wraps the Adam: its Adam state is read; its "
+      f"dynamic loss scale ({scale}) is not part of the Adam state and is not carried, and "
+      "a file written back holds the Adam state alone"
+    )
+    owners = {k: v for k, v in owners.items() if k != "optimizer/inner_optimizer"}
   else:
     optimizer, notes = _read_optimizer(
       owners.get("optimizer"), layers, spec.optimizer if spec else None, source
