@@ -239,6 +239,18 @@ def flax_model(
       tx = adamjax.convert.keras_optimizer(ckpt)
       opt_state = adamjax.convert.adam_state(ckpt, tx, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
+  A training step differentiates the parameters and lets BatchNorm update its statistics, as
+  Keras's ``fit`` does (``model.losses()`` are the weight penalties; ``model.run`` also returns
+  the activity penalties; ``model.apply_constraints()`` after the update)::
+
+      graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+      def loss_fn(params, rest, x, y, key):
+        m = nnx.merge(graphdef, params, rest, copy=True)  # copy: BatchNorm writes its stats
+        out, _, activity = m.run([x], None, training=True, rngs=nnx.Rngs(dropout=key))
+        loss = compiled_loss(y, out) + sum(m.losses()) + sum(activity)
+        return loss, nnx.state(m, nnx.BatchStat)
+
   Args:
     source: A checkpoint path (see :func:`read`) or a :class:`KerasCheckpoint` already read.
     model_config: The model's Keras config (``config.json`` contents), for formats that store
