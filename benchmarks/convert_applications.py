@@ -20,6 +20,12 @@ backend:
   python -m benchmarks.convert_applications             # all four, batch 32 and 1; writes
                                                         # benchmarks/results/convert_applications.md
   python -m benchmarks.convert_applications --apps MobileNetV2 --batches 1 --repeats 3 --no-write
+  python -m benchmarks.convert_applications --call-overhead --repeats 20   # appends the
+                                                        # per-call overhead table (below)
+
+A last table (``--call-overhead``) times the host work per call of the ways to call the
+converted model (``nnx.split`` once and ``jax.jit``, flat leaves, ``nnx.jit``,
+``nnx.cached_partial``) on a body that costs nothing.
 """
 
 from __future__ import annotations
@@ -146,13 +152,16 @@ def _canonical_hlo(text: str) -> list[str]:
       continue
     line = re.sub(r", (metadata|frontend_attributes|backend_config|sharding)=\{[^}]*\}", "", line)
     line = re.sub(r"parameter\(\d+\)", "parameter(N)", line)
-    lines.append(re.sub(r"%[\w.\-]+", "%v", line.strip()))
+    line = re.sub(r"%[\w.\-]+", "%v", line.strip())
+    lines.append(re.sub(r"\b[A-Za-z_][\w.\-]*(?=: )", "p", line))  # fusion parameter names
   return sorted(lines)
 
 
 def compare_hlo(keras_model, flax_model, x) -> dict[str, Any]:
   """Compiles our forward pass and the jitted Keras call for ``x`` (seconds each) and compares
   their optimized HLO (:func:`_canonical_hlo`) and XLA's cost analysis."""
+  import collections
+
   import jax
   from flax import nnx
 
@@ -180,8 +189,44 @@ def compare_hlo(keras_model, flax_model, x) -> dict[str, Any]:
     "compile_s": {"ours": t1 - t0, "Keras jit call": t2 - t1},
     "instructions": {"ours": len(a), "Keras jit call": len(b)},
     "same_hlo": a == b,
+    "only_in": {
+      "ours": sum((collections.Counter(a) - collections.Counter(b)).values()),
+      "Keras jit call": sum((collections.Counter(b) - collections.Counter(a)).values()),
+    },
     "cost": {"ours": cost(ours_compiled), "Keras jit call": cost(keras_compiled)},
   }
+
+
+def call_overhead(flax_model, x, repeats: int) -> dict[str, Any]:
+  """Host microseconds per call (median of ``repeats``) of the ways to call a jitted function
+  of the converted model, timed on a body that costs nothing (``x + 1``), so that only the
+  Python work per call (graph traversal, pytree flattening, dispatch) is measured."""
+  import jax
+  from flax import nnx
+
+  graphdef, state = nnx.split(flax_model)
+  leaves, treedef = jax.tree.flatten(state)
+  cheap = jax.jit(lambda state, x: x + 1.0)
+  cheap_leaves = jax.jit(lambda leaves, x: (jax.tree.unflatten(treedef, leaves), x + 1.0)[1])
+  module_jit = nnx.jit(lambda model, x: x + 1.0)
+  cached = nnx.cached_partial(module_jit, flax_model)
+  variants = {
+    "nnx.split(model)": lambda: nnx.split(flax_model),
+    "jax.jit(f)(state, x), state from nnx.split once": lambda: cheap(state, x),
+    "jax.jit(f)(leaves, x), jax.tree.flatten(state) once": lambda: cheap_leaves(leaves, x),
+    "nnx.jit(f)(model, x)": lambda: module_jit(flax_model, x),
+    "nnx.cached_partial(nnx.jit(f), model)(x)": lambda: cached(x),
+  }
+  out = {"state leaves": len(leaves)}
+  for name, fn in variants.items():
+    jax.block_until_ready(fn())  # compile
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - t0)
+    out[name] = 1e6 * statistics.median(times)
+  return out
 
 
 def make_batch(config: AppConfig, input_shape: tuple[int, ...], batch: int, seed: int = 0):
@@ -339,8 +384,8 @@ def report(results: list[dict[str, Any]], command: str, repeats: int, warmup: in
     "batch_size=B, verbose=0)`; `Keras jit`: jitted `model.stateless_call(..., training=False)`. "
     "Ratios > 1: ours is faster; each is the ratio of the medians, then in brackets the median "
     "[min-max] of the per-round ratios (the two calls of one round run back to back). The jitted "
-    "Keras call compiles the same HLO as ours (table below), so its spread around 1.00 is the "
-    "noise of this machine. First call: seconds, compilation included.",
+    "Keras call compiles the same HLO as ours, or nearly (table below), so its spread around "
+    "1.00 is the noise of this machine. First call: seconds, compilation included.",
     "",
     "| model | batch | ours | ours e2e | predict | Keras jit | predict / ours | "
     "predict / ours e2e | Keras jit / ours | first call ours / predict / Keras jit (s) |",
@@ -370,9 +415,9 @@ def report(results: list[dict[str, Any]], command: str, repeats: int, warmup: in
     "and metadata (sorted, so only the arguments' order and names may differ); GFLOP and GB "
     "from XLA's cost analysis; compile seconds from `lower(...).compile()`.",
     "",
-    "| model | batch | same optimized HLO | instructions ours / Keras | GFLOP ours / Keras | "
-    "GB accessed ours / Keras | compile s ours / Keras |",
-    "|---|---|---|---|---|---|---|",
+    "| model | batch | same optimized HLO | instructions ours / Keras | only in ours / Keras | "
+    "GFLOP ours / Keras | GB accessed ours / Keras | compile s ours / Keras |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for r in results:
     for b, d in r["batches"].items():
@@ -381,10 +426,37 @@ def report(results: list[dict[str, Any]], command: str, repeats: int, warmup: in
       lines.append(
         f"| {r['label']} | {b} | {'yes' if h['same_hlo'] else 'no'} | "
         f"{h['instructions']['ours']} / {h['instructions']['Keras jit call']} | "
+        f"{h['only_in']['ours']} / {h['only_in']['Keras jit call']} | "
         f"{o['flops'] / 1e9:.1f} / {k['flops'] / 1e9:.1f} | "
         f"{o['bytes accessed'] / 1e9:.2f} / {k['bytes accessed'] / 1e9:.2f} | "
         f"{h['compile_s']['ours']:.1f} / {h['compile_s']['Keras jit call']:.1f} |"
       )
+  return "\n".join(lines) + "\n"
+
+
+def overhead_report(rows: dict[str, dict[str, Any]], command: str, repeats: int) -> str:
+  """The call-overhead section (appended to the results file by ``--call-overhead``)."""
+  names = [k for k in next(iter(rows.values())) if k != "state leaves"]
+  lines = [
+    "",
+    "## Per-call host overhead of the ways to call the converted model (µs)",
+    "",
+    "Command:",
+    "",
+    f"    {command}",
+    "",
+    f"Median of {repeats} calls of a jitted function whose body costs nothing (`x + 1`, x a "
+    "scalar), with the model or its state as argument, so only the Python work per call "
+    "(graph traversal, pytree flattening, dispatch) is timed; `nnx.split(model)` alone for "
+    "reference. Compute comes on top of this.",
+    "",
+    "| way to call | "
+    + " | ".join(f"{a} ({r['state leaves']} leaves)" for a, r in rows.items())
+    + " |",
+    "|---|" + "---|" * len(rows),
+  ]
+  for name in names:
+    lines.append(f"| `{name}` | " + " | ".join(f"{r[name]:,.0f}" for r in rows.values()) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -397,7 +469,33 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument("--convert-repeats", type=int, default=3)
   parser.add_argument("--output", default=RESULTS)
   parser.add_argument("--no-write", action="store_true", help="print the report only")
+  parser.add_argument(
+    "--call-overhead",
+    action="store_true",
+    help="only the per-call host overhead table, appended to --output",
+  )
   args = parser.parse_args(argv)
+  command = "python -m benchmarks.convert_applications " + " ".join(
+    sys.argv[1:] if argv is None else argv
+  )
+  if args.call_overhead:
+    import jax.numpy as jnp
+
+    import adamjax.convert as C
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as workdir:
+      for name in args.apps:
+        path = os.path.join(workdir, f"{name}.keras")
+        build_and_save(AppConfig(name), path)
+        rows[name] = call_overhead(C.flax_model(path), jnp.float32(1.0), args.repeats)
+        print(name, rows[name], flush=True)
+    text = overhead_report(rows, command.strip(), args.repeats)
+    print(text)
+    if not args.no_write:
+      with open(args.output, "a") as f:
+        f.write(text)
+    return [rows]
   results = []
   with tempfile.TemporaryDirectory() as workdir:
     for name in args.apps:
@@ -412,9 +510,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           log=lambda s: print(s, flush=True),
         )
       )
-  command = "python -m benchmarks.convert_applications " + " ".join(
-    sys.argv[1:] if argv is None else argv
-  )
   text = report(results, command.strip(), args.repeats, args.warmup)
   print(text)
   if not args.no_write:

@@ -3,8 +3,10 @@
 jitted logits must equal Keras-JAX's jitted call and ``predict`` on the same batch bit for bit
 (both sides compile the same lax operations), and every timing must be a real measurement."""
 
+import jax.numpy as jnp
 import numpy as np
 
+import adamjax.convert as C
 from benchmarks import convert_applications as bench
 
 TINY = bench.AppConfig(
@@ -12,7 +14,7 @@ TINY = bench.AppConfig(
 )
 
 
-def test_tiny_application_converts_matches_and_is_timed(tmp_path):
+def test_tiny_application_converts_matches_is_timed_and_tabled(tmp_path):
   lines = []
   result = bench.run_app(
     TINY, (2,), repeats=2, warmup=1, convert_repeats=1, workdir=str(tmp_path), log=lines.append
@@ -36,3 +38,13 @@ def test_tiny_application_converts_matches_and_is_timed(tmp_path):
   assert "MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, classes=10)" in text
   assert "python -m benchmarks.convert_applications --test" in text
   assert "| yes |" in text
+
+  # The per-call host overhead table, on the file run_app saved.
+  row = bench.call_overhead(
+    C.flax_model(str(tmp_path / "MobileNetV2.keras")), jnp.float32(1.0), repeats=2
+  )
+  assert row["state leaves"] > 100  # MobileNetV2: kernels, BatchNorm scale/offset/mean/var
+  timed = {k: v for k, v in row.items() if k != "state leaves"}
+  assert len(timed) == 5 and all(np.isfinite(v) and v > 0 for v in timed.values())
+  text = bench.overhead_report({"tiny": row}, "python -m benchmarks.convert_applications x", 2)
+  assert f"tiny ({row['state leaves']} leaves)" in text and "`nnx.jit(f)(model, x)`" in text
