@@ -395,3 +395,124 @@ def test_mixed_float16_model_with_keras_loss_scaling(tmp_path):
   x = _x(3, 4)
   assert ours.dense.compute_dtype == "float16"
   _assert_same(model(x), ours(x))
+
+
+def test_keras_call_conventions(tmp_path):
+  """Inputs in the model's input order (not the config's layer order), tensor arguments given
+  by keyword, one output unpacked and dict outputs kept, Python scalars weakly typed in ops,
+  and no penalty for a frozen layer's regularizer: as Keras's Functional does."""
+  layers = keras.layers
+  a, b = keras.Input((3,), name="a"), keras.Input((4,), name="b")
+  joined = layers.Concatenate()([layers.Dense(2)(b), a])
+  frozen = layers.Dense(2, kernel_regularizer="l2", trainable=False)
+  order = keras.Model([a, b], [frozen(joined)])
+  tokens = keras.Input((5,), dtype="int32")
+  pooled = layers.GlobalAveragePooling1D()(layers.Embedding(7, 2, mask_zero=True)(inputs=tokens))
+  keyword = keras.Model(tokens, {"pooled": pooled, "twice": pooled * 2.0})
+  for model, name in ((order, "order"), (keyword, "keyword")):
+    model.compile(optimizer="adam", loss="mse")
+    model.save(tmp_path / f"{name}.keras")
+  ours = convert.flax_model(tmp_path / "order.keras")
+  x = [_x(2, 3), _x(2, 4)]
+  out = ours(*x)
+  assert not isinstance(out, list)
+  _assert_same(order(x), out)
+  assert ours.losses() == [] and order.losses == []
+  ids = np.array([[1, 2, 0, 0, 0], [3, 0, 0, 0, 0]], np.int32)
+  got, expected = convert.flax_model(tmp_path / "keyword.keras")(ids), keyword(ids)
+  assert set(got) == {"pooled", "twice"}
+  for key in got:
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))
+
+
+def _sequential_config():
+  return {
+    "class_name": "Sequential",
+    "config": {
+      "name": "s",
+      "layers": [
+        {"class_name": "InputLayer", "config": {"batch_shape": [None, 3], "name": "in"}},
+        {"class_name": "Dense", "config": {"units": 2, "name": "d"}},
+      ],
+    },
+  }
+
+
+def _nested(depth: int, width: int) -> dict:
+  """A Functional applying the model one level down ``width`` times at every level."""
+  inner = {"class_name": "Identity", "config": {"name": "leaf"}}
+  for level in range(depth):
+    entries = [{"class_name": "InputLayer", "name": "x", "config": {"name": "x"}}]
+    previous = "x"
+    inner_name = f"m{level}"
+    entries.append({**inner, "name": inner_name, "inbound_nodes": []})
+    for i in range(width):
+      ref = {"class_name": "__keras_tensor__", "config": {"keras_history": [previous, 0, 0]}}
+      entries[1]["inbound_nodes"].append({"args": [ref], "kwargs": {}})
+      previous = inner_name
+      if i:
+        entries[1]["inbound_nodes"][-1]["args"][0]["config"]["keras_history"] = [
+          inner_name,
+          i - 1,
+          0,
+        ]
+    inner = {
+      "class_name": "Functional",
+      "config": {
+        "name": f"m{level + 1}",
+        "layers": entries,
+        "input_layers": [["x", 0, 0]],
+        "output_layers": [[inner_name, width - 1, 0]],
+      },
+    }
+  return inner
+
+
+@pytest.mark.parametrize(
+  "config, message",
+  [
+    ([1], "not a model"),
+    ({"config": {"layers": []}}, "not a model"),
+    ({"class_name": "Sequential", "config": {"layers": [{"config": {}}]}}, "class names"),
+    (_nested(5, 12), "layer calls"),
+  ],
+  ids=["root-not-object", "root-without-class", "layer-without-class", "nested-reuse-bomb"],
+)
+def test_hostile_model_configs_are_conversion_errors(config, message):
+  from adamjax.convert._graph import KerasModel
+
+  with pytest.raises(ConversionError, match=message):
+    KerasModel(config, {})
+
+
+@pytest.mark.parametrize(
+  "mutate, message",
+  [
+    (lambda layers: layers.insert(2, dict(layers[0], name="in2")), "input inside it"),
+    (
+      lambda layers: layers[1]["config"].update(kernel_regularizer="l2", dtype={"config": [1]}),
+      "dtype",
+    ),
+    (
+      lambda layers: layers[1]["config"].update(
+        kernel_regularizer={"class_name": "L2", "config": {"l2": 10**400}}
+      ),
+      "finite",
+    ),
+    (
+      lambda layers: layers[1]["config"].update(
+        kernel_constraint={"class_name": "MaxNorm", "config": {"axis": 5}}
+      ),
+      "axis",
+    ),
+  ],
+  ids=["input-not-first", "policy-not-object", "huge-factor", "constraint-axis"],
+)
+def test_hostile_layer_options_are_conversion_errors(mutate, message):
+  from adamjax.convert._graph import KerasModel
+
+  config = _sequential_config()
+  mutate(config["config"]["layers"])
+  weights = {"dense": {"kernel": np.zeros((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+  with pytest.raises(ConversionError, match=message):
+    KerasModel(config, weights)

@@ -16,7 +16,10 @@ model's. Nothing from the config is executed: it is data walked by this module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -184,7 +187,12 @@ def _io_refs(value: Any, where: str) -> list[_Ref]:
     raise ConversionError(f"{where} is not a list of [layer, node, tensor]")
   refs = []
   for item in value:
-    if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)):
+    if not (
+      isinstance(item, list)
+      and len(item) == 3
+      and isinstance(item[0], str)
+      and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in item[1:])
+    ):
       raise ConversionError(f"{where}: {clip(item)} is not [layer, node, tensor]")
     refs.append(_Ref(*item))
   return refs
@@ -202,7 +210,7 @@ class _Graph:
   inputs: tuple[tuple[str, int, int], ...]
   input_dtypes: tuple[str | None, ...]
   outputs: tuple[tuple[str, int, int], ...]
-  single_output: bool
+  output_keys: tuple[str, ...] | None
   steps: tuple[tuple[str, str, int, Any, Any], ...]
   attributes: tuple[str, ...]
 
@@ -221,34 +229,43 @@ class LayerCallError(ValueError):
   """A layer of a built model failed on its inputs; the message names the layer."""
 
 
-def input_specs(config: dict[str, Any]) -> list[jax.ShapeDtypeStruct] | None:
-  """The model's inputs as the config declares them (unknown sizes taken as 2), or None when
-  the config does not say (a Sequential built without an ``Input``)."""
-  inner = config.get("config")
-  layers = inner.get("layers") if isinstance(inner, dict) else None
-  entries = [e for e in layers if isinstance(e, dict)] if isinstance(layers, list) else []
-  inputs = [e for e in entries if e.get("class_name") == "InputLayer"]
-  if config.get("class_name") == "Sequential":
-    inputs = inputs[:1]
+# The build-time trace is skipped for declared inputs larger than this (a hostile config could
+# otherwise make layers that loop in Python over a dimension, unrolled RNNs, run for long).
+_MAX_TRACED_DIM = 8192
+_MAX_TRACED_ELEMENTS = 1 << 28
+
+
+def input_specs(model: KerasModel, config: dict[str, Any]) -> list[jax.ShapeDtypeStruct] | None:
+  """The model's inputs as the config declares them, in the model's input order (unknown sizes
+  taken as 2), or None when the config does not say (a Sequential built without an ``Input``)
+  or declares sizes too large to trace cheaply."""
+  entries = [e for e in config["config"]["layers"] if e.get("class_name") == "InputLayer"]
+  by_name = {e.get("name", e["config"].get("name")): e for e in entries}
+  if model.graph.sequential:
+    inputs = entries[:1]
+  else:
+    inputs = [by_name[name] for name, _, _ in model.graph.inputs]
   if not inputs:
     return None
   specs = []
   for entry in inputs:
-    layer_config = entry.get("config")
-    if not isinstance(layer_config, dict):
-      return None
+    layer_config = entry["config"]
     shape = layer_config.get("batch_shape", layer_config.get("batch_input_shape"))
     dtype = layer_config.get("dtype", "float32")
     if isinstance(dtype, dict):
       policy = dtype.get("config")
       dtype = policy.get("name", "float32") if isinstance(policy, dict) else None
     if not isinstance(shape, list) or not all(
-      d is None or (isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31) for d in shape
+      d is None or (isinstance(d, int) and not isinstance(d, bool) and 0 < d <= _MAX_TRACED_DIM)
+      for d in shape
     ):
       return None
     if dtype not in ("float16", "bfloat16", "float32", "float64", "int32", "int64", "bool"):
       return None
-    specs.append(jax.ShapeDtypeStruct(tuple(2 if d is None else d for d in shape), dtype))
+    dims = tuple(2 if d is None else d for d in shape)
+    if math.prod(dims) > _MAX_TRACED_ELEMENTS:
+      return None
+    specs.append(jax.ShapeDtypeStruct(dims, dtype))
   return specs
 
 
@@ -256,7 +273,7 @@ def check_call(model: KerasModel, config: dict[str, Any], source: str) -> None:
   """Traces the model on the config's input shapes (``jax.eval_shape``: nothing is computed or
   allocated), so a config whose layers do not fit together, or do not fit the weights, is
   refused when the model is built, naming the layer, not when it is first called."""
-  specs = input_specs(config)
+  specs = input_specs(model, config)
   if specs is None:
     return
   graphdef, state = nnx.split(model)
@@ -264,7 +281,7 @@ def check_call(model: KerasModel, config: dict[str, Any], source: str) -> None:
     jax.eval_shape(lambda s, *x: nnx.merge(graphdef, s)(*x), state, *specs)
   except LayerCallError as e:
     raise ConversionError(f"{source}: the model does not run on its declared inputs: {e}") from None
-  except (ValueError, TypeError, IndexError, KeyError) as e:
+  except Exception as e:  # noqa: BLE001 - whatever a hostile config makes a layer raise
     raise ConversionError(
       f"{source}: the model does not run on its declared inputs: {type(e).__name__}: "
       f"{clip(str(e), 500)[1:-1]}"
@@ -289,11 +306,23 @@ class KerasModel(nnx.Module):
     *,
     source: str = "the model config",
     prefix: str = "",
+    trainable: bool = True,
   ):
+    if not isinstance(config, dict) or config.get("class_name") not in MODELS:
+      got = config.get("class_name") if isinstance(config, dict) else type(config).__name__
+      raise ConversionError(f"{source}: {prefix or 'the model'} is a {clip(got)}, not a model")
     inner = config.get("config")
     entries = inner.get("layers") if isinstance(inner, dict) else None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-      raise ConversionError(f"{source}: the model {prefix or '$'} has no list of layers")
+    if not isinstance(entries, list) or not all(
+      isinstance(e, dict) and isinstance(e.get("class_name"), str) for e in entries
+    ):
+      raise ConversionError(
+        f"{source}: the model {prefix or '$'} has no list of layers with class names"
+      )
+    if config["class_name"] == "Sequential" and any(
+      e["class_name"] == "InputLayer" for e in entries[1:]
+    ):
+      raise ConversionError(f"{source}: the Sequential {prefix or '$'} has an input inside it")
     missing = unsupported_layers(config, prefix)
     if missing and not prefix:
       raise ConversionError(
@@ -303,7 +332,8 @@ class KerasModel(nnx.Module):
     names = _names(config)
     by_user_name, attributes = {}, []
     input_dtypes: dict[str, str | None] = {}
-    for i, (entry, name) in enumerate(zip(entries, names, strict=True)):
+    cost = 0
+    for entry, name in zip(entries, names, strict=True):
       where = f"{source}: layer {prefix}{name or entry.get('name')}"
       layer_config = entry.get("config")
       if not isinstance(layer_config, dict):
@@ -319,11 +349,15 @@ class KerasModel(nnx.Module):
       by_user_name[user_name] = name
       attributes.append(name)
       class_name = entry["class_name"]
+      # Keras adds the penalties of trainable weights only (``_get_regularization_losses``).
+      own_trainable = trainable and layer_config.get("trainable", True) is not False
       try:
         if is_operation(entry):
           module = OPS[entry["module"], class_name](layer_config, {})
         elif class_name in MODELS:
-          module = KerasModel(entry, weights, source=source, prefix=f"{prefix}{name}/")
+          module = KerasModel(
+            entry, weights, source=source, prefix=f"{prefix}{name}/", trainable=own_trainable
+          )
         else:
           cls = LAYERS[class_name]
           owned = weights.get(prefix + name, {})
@@ -334,17 +368,28 @@ class KerasModel(nnx.Module):
               f"{list(expected)}"
             )
           module = cls(layer_config, owned)
+          if not own_trainable:
+            _drop_penalties(module)
       except ConversionError as e:
         if source in str(e):
           raise
         raise ConversionError(f"{where} ({class_name}): {e}") from None
-      except (ValueError, TypeError, KeyError, IndexError) as e:
+      except Exception as e:  # noqa: BLE001 - whatever a hostile config makes a builder raise
         raise ConversionError(
-          f"{where} ({class_name}): {type(e).__name__}: {clip(e, 300)}"
+          f"{where} ({class_name}): {type(e).__name__}: {clip(str(e), 300)[1:-1]}"
         ) from None
       setattr(self, name, module)
-      del i
     self.graph = self._graph(config, entries, names, by_user_name, input_dtypes, source, prefix)
+    # What one call costs, in layer calls, nested models counted each time they are called: a
+    # small config reusing a nested model at every level would otherwise cost K**depth.
+    for step in self.graph.steps:
+      module = getattr(self, step[0])
+      cost += module.cost if isinstance(module, KerasModel) else 1
+      if cost > _MAX_NODES:
+        raise ConversionError(
+          f"{source}: the model {prefix or '$'} makes more than {_MAX_NODES} layer calls"
+        )
+    self.cost = cost
 
   @staticmethod
   def _graph(config, entries, names, by_user_name, input_dtypes, source, prefix) -> _Graph:
@@ -355,7 +400,7 @@ class KerasModel(nnx.Module):
       steps = tuple((n, "", 0, (), ()) for n in names if n is not None)
       attributes = tuple(n for n in names if n is not None)
       return _Graph(
-        True, (), (dtype if isinstance(dtype, str) else None,), (), True, steps, attributes
+        True, (), (dtype if isinstance(dtype, str) else None,), (), None, steps, attributes
       )
     inner = config["config"]
     inputs = _io_refs(inner.get("input_layers"), f"{where}.input_layers")
@@ -371,7 +416,7 @@ class KerasModel(nnx.Module):
     # outputs, refusing cycles and references to layers or nodes the config does not have).
     order, state = [], {}
 
-    def visit(ref: _Ref, trail: tuple) -> None:
+    def visit(ref: _Ref) -> None:
       if ref.layer not in by_user_name:
         raise ConversionError(
           f"{where}: a node refers to layer {clip(ref.layer)}, not in the model"
@@ -389,19 +434,16 @@ class KerasModel(nnx.Module):
         raise ConversionError(f"{where}: layer {clip(ref.layer)} has no node {ref.node}")
       state[key] = "active"
       args, kwargs = nodes[ref.layer][ref.node]
-      stack = [(r, trail) for r in _flatten_refs([args, kwargs])]
-      for r, _ in stack:
-        visit(r, trail)
+      for r in _flatten_refs([args, kwargs]):
+        visit(r)
       state[key] = "done"
       order.append(key)
-
-    import sys
 
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 10_000))
     try:
       for ref in outputs:
-        visit(ref, ())
+        visit(ref)
     except RecursionError:
       raise ConversionError(f"{where}: the graph is too deep") from None
     finally:
@@ -420,15 +462,9 @@ class KerasModel(nnx.Module):
       tuple((r.layer, r.node, r.tensor) for r in inputs),
       tuple(input_dtypes.get(r.layer) for r in inputs),
       tuple((r.layer, r.node, r.tensor) for r in outputs),
-      # One output: Keras 3 writes it flat unless the model was built with a list of one
-      # (``Model(x, [y])``, which returns a list); tf-keras always nests, and returns the tensor.
-      len(outputs) == 1
-      and (
-        "module" not in config
-        or not (
-          isinstance(inner["output_layers"], list) and isinstance(inner["output_layers"][0], list)
-        )
-      ),
+      # Keras returns a single output bare, however it was written (``Functional.call``
+      # ``unpack_singleton``); outputs given as a dict come back as a dict.
+      tuple(inner["output_layers"]) if isinstance(inner["output_layers"], dict) else None,
       tuple(steps),
       tuple(
         by_user_name[e.get("name", e["config"].get("name"))]
@@ -452,15 +488,15 @@ class KerasModel(nnx.Module):
     g = self.graph
     masks = masks if masks is not None else [None] * len(inputs)
     losses: list[jax.Array] = []
-    inputs = [
-      _as_input(x, dtype) for x, dtype in zip(inputs, g.input_dtypes * len(inputs), strict=False)
-    ]
+    dtypes = g.input_dtypes if len(g.input_dtypes) == len(inputs) else [None] * len(inputs)
+    inputs = [_as_input(x, dtype) for x, dtype in zip(inputs, dtypes, strict=True)]
     if g.sequential:
       if len(inputs) != 1:
         raise ValueError(f"a Sequential model takes one input, got {len(inputs)}")
       x, mask = inputs[0], masks[0]
       for name, *_ in g.steps:
-        (x,), (mask,) = self._call(name, [x], {}, [mask], {}, training, rngs, losses)
+        outs, out_masks = self._call(name, [x], {}, [mask], {}, training, rngs, losses)
+        x, mask = (outs[0], out_masks[0]) if len(outs) == 1 else (outs, out_masks)
       return x, mask, losses
     if len(inputs) != len(g.inputs):
       raise ValueError(f"the model takes {len(g.inputs)} inputs, got {len(inputs)}")
@@ -486,7 +522,9 @@ class KerasModel(nnx.Module):
     outs = [get(_Ref(*ref)) for ref in g.outputs]
     result = [o for o, _ in outs]
     out_masks = [m for _, m in outs]
-    if g.single_output:
+    if g.output_keys is not None:
+      return dict(zip(g.output_keys, result, strict=True)), out_masks, losses
+    if len(result) == 1:
       return result[0], out_masks[0], losses
     return result, out_masks, losses
 
@@ -500,6 +538,13 @@ class KerasModel(nnx.Module):
     node_training = kwargs.pop("training", None)
     if training is None and node_training is not None:
       training = bool(node_training)
+    # Tensor arguments given by keyword (``layer(inputs=x)``) are bound to their positions, as
+    # Keras's CallSpec binds them, so the first one is the mask's source.
+    names = ("inputs",) if isinstance(layer, KerasModel) else layer.call_args
+    args, arg_masks, kw_masks = list(args), list(arg_masks), dict(kw_masks)
+    while len(args) < len(names) and names[len(args)] in kwargs:
+      arg_masks.append(kw_masks.pop(names[len(args)], None))
+      args.append(kwargs.pop(names[len(args)]))
     if isinstance(layer, KerasModel):
       mask = kwargs.pop("mask", None)
       flat_in = args[0] if isinstance(args[0], list) else [args[0]]
@@ -544,12 +589,11 @@ class KerasModel(nnx.Module):
         f"layer {attr} ({type(layer).__name__}): {type(e).__name__}: {clip(str(e), 500)[1:-1]}"
       ) from e
     if layer.activity_regularizer is not None:
-      losses.extend(
-        _regularizers.penalty(layer.activity_regularizer, o) / o.shape[0]
-        if o.ndim
-        else _regularizers.penalty(layer.activity_regularizer, o)
-        for o in jax.tree.leaves(out)
-      )
+      for o in jax.tree.leaves(out):
+        penalty = _regularizers.penalty(layer.activity_regularizer, o)
+        if o.ndim:  # per example, as Keras (``divide_no_nan``: 0 for an empty batch)
+          penalty = penalty / o.shape[0] if o.shape[0] else jnp.zeros_like(penalty)
+        losses.append(penalty)
     out_mask = (
       layer.compute_mask(args[0] if args else None, previous_mask)
       if (layer.supports_masking)
@@ -577,6 +621,7 @@ class KerasModel(nnx.Module):
         yield layer
 
 
+@functools.cache
 def _call_parameters(cls: type) -> frozenset[str]:
   return frozenset(inspect.signature(cls.__call__).parameters)
 
@@ -592,10 +637,9 @@ def _autocast(x: Any, dtype: str) -> Any:
 
 
 def _as_input(x: Any, dtype: str | None) -> Any:
+  """An input as the InputLayer's dtype, as Keras's Functional converts its inputs."""
   x = jnp.asarray(x)
-  if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
-    return x.astype(dtype)
-  return x
+  return x.astype(dtype) if dtype is not None and x.dtype != dtype else x
 
 
 def _map_leaves(x: Any, fn) -> Any:
@@ -644,3 +688,10 @@ def _flat_with_masks(out: Any, mask: Any) -> tuple[list, list]:
   masks = mask if isinstance(mask, (list, tuple)) else [mask]
   masks = list(masks)[: len(flat)] + [None] * max(0, len(flat) - len(masks))
   return flat, masks
+
+
+def _drop_penalties(layer: Any) -> None:
+  """A frozen layer's weights are not trainable: Keras adds no regularizer penalty for them."""
+  layer.regularized = ()
+  for sub in layer._sublayers():
+    _drop_penalties(sub)

@@ -12,6 +12,7 @@ from the JSON alone and Orbax returns the optimizer's NamedTuples, not bare dict
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,16 @@ def _layers_json(layers: list[KerasLayer]) -> list[dict[str, Any]]:
 
 
 def _layers_from_json(rows: list[dict[str, Any]]) -> list[KerasLayer]:
+  """The layers the metadata lists, with zero-stride placeholder arrays of their shapes and
+  dtypes (``np.broadcast_to``: nothing of the listed size is allocated)."""
   return [
     KerasLayer(
       row["name"],
       row["class_name"],
-      {var: np.zeros(shape, dtype) for var, (shape, dtype) in row["weights"].items()},
+      {
+        var: np.broadcast_to(np.zeros((), np.dtype(dtype)), tuple(shape))
+        for var, (shape, dtype) in row["weights"].items()
+      },
       tuple(row["trainable"]),
       row.get("config"),
     )
@@ -246,7 +252,41 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def template(meta: dict[str, Any]) -> KerasCheckpoint:
-  """A zero-valued ``KerasCheckpoint`` with the converted checkpoint's layers and optimizer."""
+  """A zero-valued ``KerasCheckpoint`` with the converted checkpoint's layers and optimizer.
+
+  Raises:
+    ConversionError: if the metadata (a file: possibly damaged or hostile) is malformed.
+  """
+  try:
+    return _template(meta)
+  except ConversionError:
+    raise
+  except Exception as e:  # noqa: BLE001 - any malformed metadata
+    raise ConversionError(
+      f"{METADATA}: malformed metadata ({type(e).__name__}: {_safe_io.clip(str(e), 200)})"
+    ) from None
+
+
+def _template(meta: dict[str, Any]) -> KerasCheckpoint:
+  for row in meta["layers"]:
+    if row.get("config") is not None and not isinstance(row["config"], dict):
+      raise ConversionError(
+        f"{METADATA}: layer {_safe_io.clip(row['name'])}: config is not an object"
+      )
+    for shape, _ in row["weights"].values():
+      if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
+        raise ConversionError(f"{METADATA}: shape {_safe_io.clip(shape)} is not a shape")
+  # The optimizer state is built (allocated) from these shapes before Orbax reads anything.
+  listed = sum(
+    math.prod(shape) * np.dtype(dtype).itemsize
+    for row in meta["layers"]
+    for shape, dtype in row["weights"].values()
+  )
+  if listed > _safe_io.DEFAULT_MAX_BYTES:
+    raise ConversionError(
+      f"{METADATA}: the layers list {listed} bytes of variables, over the "
+      f"{_safe_io.DEFAULT_MAX_BYTES}-byte budget"
+    )
   layers = _layers_from_json(meta["layers"])
   o = meta["optimizer"]
   zeros = {(layer.name, var): layer.weights[var] for layer in layers for var in layer.trainable}

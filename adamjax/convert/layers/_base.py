@@ -62,7 +62,8 @@ def dtype_policy(config: Mapping[str, Any]) -> tuple[str, str]:
   object, a tf-keras policy dict, or a plain dtype name); float32 when absent."""
   policy = config.get("dtype")
   if isinstance(policy, dict):
-    policy = (policy.get("config") or {}).get("name")
+    inner = policy.get("config")
+    policy = inner.get("name") if isinstance(inner, dict) else inner
   if policy is None:
     return _POLICIES["float32"]
   if not isinstance(policy, str) or policy not in _POLICIES:
@@ -124,6 +125,12 @@ class Layer(nnx.Module):
         config.get(f"{prefix}_constraint"), _regularizers.CONSTRAINTS, "constraint"
       )
       if con is not None:
+        axes = dict(con[1]).get("axis", 0)
+        ndim = np.ndim(weights[name])
+        if any(not -ndim <= a < ndim for a in (axes if isinstance(axes, tuple) else (axes,))):
+          raise ConversionError(
+            f"{con[0]} axis {axes} does not fit {name}, a weight of rank {ndim}"
+          )
         constrained.append((path, con))
     # Static: which variables carry a penalty or a constraint, and Keras's activity regularizer.
     self.regularized, self.constrained = tuple(regularized), tuple(constrained)

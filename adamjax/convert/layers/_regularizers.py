@@ -8,6 +8,7 @@ update. Both are plain data in the config: class name and numbers, checked here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ CONSTRAINTS = frozenset({"MaxNorm", "NonNeg", "UnitNorm", "MinMaxNorm"})
 _SHORTHANDS = {
   "l1": ("L1", {"l1": 0.01}),
   "l2": ("L2", {"l2": 0.01}),
-  "l1_l2": ("L1L2", {"l1": 0.01, "l2": 0.01}),
+  "l1l2": ("L1L2", {"l1": 0.0, "l2": 0.0}),
   "orthogonal_regularizer": ("OrthogonalRegularizer", {"factor": 0.01, "mode": "rows"}),
   "max_norm": ("MaxNorm", {}),
   "non_neg": ("NonNeg", {}),
@@ -36,17 +37,25 @@ def _number(config: Mapping[str, Any], key: str, default: float) -> float:
   value = config.get(key, default)
   if value is None:
     value = default
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+  if not isinstance(value, (int, float)) or isinstance(value, bool):
     raise ConversionError(f"regularizer/constraint option {key} = {value!r} is not a number")
-  return float(value)
+  try:
+    value = float(value)
+  except OverflowError:
+    value = math.inf
+  if not 0 <= value < math.inf:
+    raise ConversionError(f"regularizer/constraint option {key} = {value!r} is not finite, >= 0")
+  return value
 
 
 def parse(entry: Any, allowed: frozenset[str], what: str) -> tuple[str, tuple] | None:
   """A regularizer or constraint config as ``(class name, sorted option items)``, or None."""
   if entry is None:
     return None
-  if isinstance(entry, str) and entry in _SHORTHANDS:
-    name, config = _SHORTHANDS[entry]
+  if isinstance(entry, str) and entry.lower() in _SHORTHANDS:
+    name, config = _SHORTHANDS[entry.lower()]
+  elif isinstance(entry, str) and entry in allowed:
+    name, config = entry, {}
   elif isinstance(entry, dict):
     name, config = entry.get("class_name"), entry.get("config") or {}
   else:
@@ -59,10 +68,11 @@ def parse(entry: Any, allowed: frozenset[str], what: str) -> tuple[str, tuple] |
       raise ConversionError(f"OrthogonalRegularizer mode {mode!r} is not rows or columns")
     return name, (("factor", _number(config, "factor", 0.01)), ("mode", mode))
   axis = config.get("axis", 0)
-  if not (isinstance(axis, int) and not isinstance(axis, bool)) and not (
-    isinstance(axis, list) and all(isinstance(a, int) for a in axis)
+  if not (isinstance(axis, int) and not isinstance(axis, bool) and -8 <= axis < 8) and not (
+    isinstance(axis, list)
+    and all(isinstance(a, int) and not isinstance(a, bool) and -8 <= a < 8 for a in axis)
   ):
-    raise ConversionError(f"{name} axis {axis!r} is not an integer or a list of integers")
+    raise ConversionError(f"{name} axis {axis!r} is not an axis or a list of axes")
   items = {
     "L1": {"l1": _number(config, "l1", 0.01)},
     "L2": {"l2": _number(config, "l2", 0.01)},

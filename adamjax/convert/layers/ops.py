@@ -24,14 +24,11 @@ OPS: dict[tuple[str, str], type[Operation]] = {}
 
 
 def _tensor(x: Any) -> Any:
-  """Keras's ``convert_to_tensor`` for an operand: Python numbers become float32/int32 arrays."""
-  if isinstance(x, bool):
-    return jnp.asarray(x)
-  if isinstance(x, float):
-    return jnp.asarray(x, jnp.float32)
-  if isinstance(x, int):
-    return jnp.asarray(x, jnp.int32)
-  if isinstance(x, (jax.Array,)) or hasattr(x, "dtype"):
+  """Keras's ``convert_to_tensor`` for an operand: ``jnp.asarray``, so a Python number stays
+  weakly typed (``x * 2.0`` keeps a float16 ``x`` float16, as in Keras)."""
+  if isinstance(x, int) and not isinstance(x, bool) and not -(2**31) <= x < 2**31:
+    raise ConversionError(f"operand {x} does not fit int32")
+  if isinstance(x, (bool, int, float)) or isinstance(x, jax.Array) or hasattr(x, "dtype"):
     return jnp.asarray(x)
   raise ConversionError(f"operand {x!r} is not a tensor or a number")
 
@@ -45,6 +42,9 @@ class Operation(Layer):
 
   def __init__(self, config, weights):
     super().__init__({}, weights)
+    unknown = sorted(set(config) - {"name"} - set(self.options))
+    if unknown:
+      raise ConversionError(f"options {unknown} of {type(self).__name__} are not supported")
     self.kwargs = tuple((k, _static(config.get(k))) for k in self.options if k in config)
 
   def __call__(self, *args, training=False, mask=None, rngs=None):
@@ -168,7 +168,7 @@ _op(_NUMPY, "Reshape", lambda x, newshape: jnp.reshape(_tensor(x), newshape), "n
 _op(
   _NUMPY,
   "Concatenate",
-  lambda xs, axis=0: jnp.concatenate([_tensor(x) for x in xs], axis=axis),
+  lambda xs, axis=0: jnp.concatenate([_tensor(x) for x in _list(xs)], axis=axis),
   "axis",
 )
 _op("keras.src.ops.core", "Cast", lambda x, dtype: _tensor(x).astype(_float_dtype(dtype)), "dtype")
@@ -178,7 +178,14 @@ _op("keras.src.ops.nn", "Sigmoid", lambda x: jax.nn.sigmoid(_tensor(x)))
 
 
 def _float_dtype(name: Any) -> str:
+  """A dtype name an operation may produce (floats, int32/int64, bool)."""
   allowed = ("float16", "bfloat16", "float32", "float64", "int32", "int64", "bool")
   if name not in allowed:
     raise ConversionError(f"cast to {name!r}: not one of {allowed}")
   return name
+
+
+def _list(xs: Any) -> list:
+  if not isinstance(xs, (list, tuple)):
+    raise ConversionError("Concatenate takes a list of tensors")
+  return list(xs)
