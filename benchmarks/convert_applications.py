@@ -14,8 +14,11 @@ backend:
   state)(x)``, compiled once, input already on the device, ``block_until_ready``), ours end to end
   (NumPy in, NumPy out, as ``predict`` is), Keras ``model.predict(x, batch_size=B, verbose=0)``
   and the jitted Keras call. Every variant is warmed up, then the variants are timed in
-  interleaved rounds (one call of each per round, so that load from other processes on a shared
-  machine falls on all of them alike); the table gives medians and the ratio of medians.
+  interleaved rounds (one call of each per round, the order rotated from round to round, so
+  that load from other processes on a shared machine falls on all of them alike); the table
+  gives medians, the ratio of medians and the spread of the per-round ratios;
+- the compiled programs: our optimized HLO against the jitted Keras call's, instruction by
+  instruction, with XLA's cost analysis.
 
   python -m benchmarks.convert_applications             # all four, batch 32 and 1; writes
                                                         # benchmarks/results/convert_applications.md
@@ -251,7 +254,8 @@ def check_parity(fns: dict[str, Callable], x_host: np.ndarray, x_device) -> dict
 def time_forward(
   fns: dict[str, Callable], x_host: np.ndarray, x_device, repeats: int, warmup: int
 ) -> dict[str, Any]:
-  """First-call seconds (compilation included), then ``repeats`` interleaved timed rounds."""
+  """First-call seconds (compilation included), then ``repeats`` interleaved timed rounds
+  (one call of each variant per round, the order rotated each round)."""
   first, times = {}, {name: [] for name in fns}
   inputs = {
     name: x_host if name in ("Keras predict", "ours end to end") else x_device for name in fns
@@ -262,8 +266,12 @@ def time_forward(
     first[name] = time.perf_counter() - t0
     for _ in range(warmup):
       fn(inputs[name])
-  for _ in range(repeats):
-    for name, fn in fns.items():
+  names = list(fns)
+  for r in range(repeats):
+    # The order rotates from round to round, so that no variant always runs first (after
+    # another variant's allocations) or last.
+    for name in names[r % len(names) :] + names[: r % len(names)]:
+      fn = fns[name]
       t0 = time.perf_counter()
       fn(inputs[name])
       times[name].append(time.perf_counter() - t0)
@@ -340,7 +348,8 @@ def report(results: list[dict[str, Any]], command: str, repeats: int, warmup: in
     "",
     f"    {command}",
     "",
-    f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+    f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+    f"{platform.processor() or platform.machine()}, "
     f"{os.cpu_count()} CPUs, jax {jax.__version__} ({jax.default_backend()}), keras "
     f"{keras.__version__} (JAX backend). Models: `keras.applications.<Name>(weights=None, "
     "classifier_activation=None)` (default input 224x224x3, 1000 classes), compiled with Adam, "
@@ -383,7 +392,8 @@ def report(results: list[dict[str, Any]], command: str, repeats: int, warmup: in
     "`ours e2e`: the same with NumPy in and NumPy out; `predict`: `model.predict(x, "
     "batch_size=B, verbose=0)`; `Keras jit`: jitted `model.stateless_call(..., training=False)`. "
     "Ratios > 1: ours is faster; each is the ratio of the medians, then in brackets the median "
-    "[min-max] of the per-round ratios (the two calls of one round run back to back). The jitted "
+    "[min-max] of the per-round ratios (one call of each variant per round, in an order "
+    "rotated each round). `ours` and `ours e2e` run the same executable. The jitted "
     "Keras call compiles the same HLO as ours, or nearly (table below), so its spread around "
     "1.00 is the noise of this machine. First call: seconds, compilation included.",
     "",
