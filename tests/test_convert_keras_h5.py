@@ -311,6 +311,8 @@ def test_keras_loads_written_archive_and_continues_training(fixtures, tmp_path, 
 
 def test_keras_loads_written_weights_h5_into_a_built_optimizer(fixtures, tmp_path, keras):
   _keras_h5.write_keras_weights_h5(read(fixtures, "cnn", "keras"), tmp_path / "w.weights.h5")
+  # Fresh layer names (batch_normalization, not _2): other tests in this process built layers.
+  keras.utils.clear_session()
   model = keras_models.small_cnn(keras)
   # Without build, Keras skips optimizer state with only a warning (Keras's own gotcha).
   model.optimizer.build(model.trainable_variables)
