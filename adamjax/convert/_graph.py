@@ -323,8 +323,9 @@ class KerasModel(nnx.Module):
       e["class_name"] == "InputLayer" for e in entries[1:]
     ):
       raise ConversionError(f"{source}: the Sequential {prefix or '$'} has an input inside it")
-    missing = unsupported_layers(config, prefix)
-    if missing and not prefix:
+    # The root lists every unsupported class of the whole tree (nested models included) at once.
+    missing = [] if prefix else unsupported_layers(config)
+    if missing:
       raise ConversionError(
         f"{source}: {len(missing)} layer(s) of classes the converter does not build: "
         + ", ".join(missing)

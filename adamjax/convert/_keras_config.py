@@ -423,10 +423,7 @@ def trainable_names(
   if not trainable:
     return ()
   cls = LAYERS.get(class_name)
-  if cls is not None:
-    frozen = cls.non_trainable(config or {})
-  else:
-    frozen = {"moving_mean", "moving_variance"} if class_name == "BatchNormalization" else set()
+  frozen = cls.non_trainable(config or {}) if cls is not None else frozenset()
   return tuple(n for n in names if n not in frozen)
 
 
